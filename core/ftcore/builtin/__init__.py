@@ -1,0 +1,1 @@
+"""Core features registered as plugins (always enabled)."""

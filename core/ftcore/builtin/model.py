@@ -1,0 +1,1 @@
+"""Built-in Hugging Face model loader and peft adapters."""

@@ -1,0 +1,315 @@
+"""TOML config -> validated pydantic ``Config`` (core tables plus one table per plugin).
+
+Semantics (contract): relative paths resolve from the config file's folder; ``--set a.b=V``
+parses V as a TOML literal with a plain-string fallback, arrays of tables are addressed by
+index (``datasets.0.path=...``), and ``--set plugins=[...]`` applies before plugin discovery.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
+
+from ftcore.errors import ConfigError, did_you_mean
+from ftcore.plugins import Plugins, installed_plugins
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir", "."))
+
+
+def _resolve_path(value: str, info: ValidationInfo) -> str:
+    return str((_base_dir(info) / Path(value).expanduser()).resolve())
+
+
+def _resolve_ref(value: str, info: ValidationInfo) -> str:
+    """A local path (resolved) or a hub id (kept): paths start with / . ~ or exist locally."""
+    local = _base_dir(info) / Path(value).expanduser()
+    if value.startswith(("/", ".", "~")) or local.exists() or not HUB_ID.match(value):
+        return str(local.resolve())
+    return value
+
+
+LocalPath = Annotated[str, AfterValidator(_resolve_path)]
+"""A filesystem path; relative values resolve from the config file's folder."""
+PathOrHubId = Annotated[str, AfterValidator(_resolve_ref)]
+"""A local path (resolved like ``LocalPath``) or a Hugging Face hub id such as ``org/name``."""
+
+
+class Section(BaseModel):
+    """Base of every config table: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(Section):
+    """``[model]``: what to load and how."""
+
+    base: PathOrHubId = Field(description="Hub id or local folder of the base model (or of its config for init='random').")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype; auto = bf16 on GPUs that support it, else float32.")
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field("auto", description="Attention implementation; auto picks the fastest available.")
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random builds the architecture from its config (training from scratch).")
+    chat_template: str | None = Field(None, description="A template name, an inline Jinja template, or a path to a .jinja file.")
+    tokenizer: PathOrHubId | None = Field(None, description="A separate tokenizer path or hub id (default: base).")
+    pad_token: str | None = Field(None, description="Pad token to set when the tokenizer has none (default: eos).")
+    special_tokens: list[str] = Field(default_factory=list, description="Extra special tokens to add (embeddings resized and trained).")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub; off by default.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    use_reentrant: bool = Field(False, description="Reentrant gradient checkpointing (torch.utils.checkpoint).")
+    compile: bool = Field(False, description="torch.compile the decoder layers (regional compilation).")
+
+
+class AdapterSection(Section):
+    """``[adapter]``: parameter-efficient fine-tuning through peft (absent = full fine-tune)."""
+
+    kind: Literal["lora", "dora", "qlora"] = Field("lora", description="lora, dora, or qlora (4-bit base via bitsandbytes, CUDA only).")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    targets: str | list[str] = Field("all-linear", description='"all-linear", a regex over module names, or a list of module names.')
+    target_parameters: list[str] = Field(default_factory=list, description="3-D parameters to adapt, e.g. experts.gate_up_proj.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter.")
+    init_from: LocalPath | None = Field(None, description="Start from this existing adapter folder (continued training).")
+
+
+class DatasetSection(Section):
+    """``[[datasets]]``: one source of rows."""
+
+    path: PathOrHubId = Field(description="A local file or folder (jsonl/json/parquet/csv/arrow) or a hub dataset id.")
+    format: str = Field("messages", description="Row format name (see `ftcore plugins`).")
+    split: str = Field("train", description="Split to read.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping: canonical name -> column name in the file.")
+    weight: float | None = Field(None, gt=0, description="Mixing weight relative to the other datasets (default: use every row once).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Format-specific options.")
+    excess_length: Literal["drop", "truncate", "raise"] = Field("drop", description="What to do with rows longer than train.sequence_len.")
+    on_bad_rows: Literal["raise", "skip"] = Field("raise", description="raise: a DataError naming the row; skip: skip and count.")
+
+
+class DataSection(Section):
+    """``[data]``: options shared by every dataset."""
+
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation.")
+    num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default: one).")
+    shuffle: bool = Field(True, description="Shuffle rows with train.seed.")
+    train_on: list[str] = Field(default_factory=lambda: ["assistant"], description="Roles whose tokens are trained.")
+    cache_dir: LocalPath | None = Field(None, description="Where tokenized data is cached (default: ~/.cache/ftcore/data).")
+
+
+class TrainSection(Section):
+    """``[train]``: the method and its optimisation settings."""
+
+    method: str = Field("sft", description="Training method name (sft is built in; dpo, grpo... come from plugins).")
+    output_dir: LocalPath = Field(description="Where checkpoints, metrics and the final model go.")
+    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per row (packed row length when packing).")
+    packing: bool = Field(False, description="Bin-pack rows into sequence_len rows without cross-attention.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: only at the end).")
+    save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest pruned after a new one completes).")
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs an eval split).")
+    seed: int = Field(42, description="Seed for init, shuffling and dropout.")
+    optimizer: str = Field("adamw_torch", description="An HF Trainer optimizer name (adamw_torch, adamw_torch_fused, adamw_8bit, ...).")
+    scheduler: str = Field("cosine", description="An HF scheduler name (linear, cosine, constant_with_warmup, ...).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 where supported, else fp32.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Optional trackers; none by default (no telemetry).")
+
+
+CORE_TABLES = {"model": ModelSection, "adapter": AdapterSection, "datasets": DatasetSection, "data": DataSection, "train": TrainSection}
+
+
+class ConfigBase(BaseModel):
+    """The validated config of a run; plugin tables are attributes named after the plugin."""
+
+    model_config = ConfigDict(extra="forbid")
+    plugins: list[str] = Field(default_factory=list, description="Plugins to enable, by entry-point name or dotted module path.")
+    model: ModelSection
+    adapter: AdapterSection | None = Field(None, description="Absent: full fine-tune.")
+    datasets: list[DatasetSection] = Field(default_factory=list)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection
+
+    @property
+    def source(self) -> str | None:
+        """The config file this came from (None when built in code)."""
+        return getattr(self, "_source", None)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def fingerprint(self, exclude: tuple[str, ...] = ("train.output_dir",)) -> str:
+        """A stable hash of the settings, ignoring keys that do not change results."""
+        data = self.model_dump(mode="json")
+        for dotted in exclude:
+            *parents, last = dotted.split(".")
+            node = data
+            for part in parents:
+                node = node.get(part) or {}
+            node.pop(last, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+Config = ConfigBase
+
+
+def build_config_model(sections: dict[str, type[BaseModel]]) -> type[ConfigBase]:
+    """The Config class with one optional-or-required field per plugin table."""
+    fields: dict[str, Any] = {}
+    for name, model in sections.items():
+        if name in ConfigBase.model_fields:
+            raise ConfigError(f"plugin table name {name!r} clashes with a core table")
+        try:
+            default = model()
+            fields[name] = (model, Field(default=default))
+        except ValidationError:
+            fields[name] = (model, ...)
+    return create_model("Config", __base__=ConfigBase, **fields)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc}", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error: {exc}", file=str(path)) from None
+
+
+def parse_override(value: str) -> Any:
+    """A TOML literal (number, bool, array, inline table, quoted string) or a plain string."""
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.path=VALUE`` overrides in place; list items are addressed by index."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: index {part!r} is not an item of a {len(node)}-item array", key=key)
+                if last:
+                    node[int(part)] = parse_override(value)
+                else:
+                    node = node[int(part)]
+            elif last:
+                node[part] = parse_override(value)
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict | list):
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a table", key=key)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[ConfigBase, Plugins]:
+    """Read, override, enable plugins, validate. Returns the config and its plugins."""
+    path = Path(path)
+    raw = apply_overrides(read_toml(path), overrides)
+    return validate_config(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: str | None = None):
+    """Validate a raw dict (as read from TOML) into a config and its enabled plugins."""
+    names = raw.get("plugins", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"expected a list of plugin names, got {names!r}", file=source, key="plugins")
+    plugins = Plugins(names)
+    model = build_config_model(plugins.config_sections())
+    _check_disabled_tables(raw, model, source)
+    try:
+        config = model.model_validate(raw, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, model), file=source) from None
+    config._source = source
+    try:
+        plugins.hook.validate_config(config=config)
+    except ConfigError as exc:
+        if exc.file is None and source:
+            raise ConfigError(str(exc), file=source) from None
+        raise
+    return config, plugins
+
+
+def _check_disabled_tables(raw: dict[str, Any], model: type[BaseModel], source: str | None) -> None:
+    installed = installed_plugins()
+    for key in raw:
+        if key not in model.model_fields and key in installed:
+            raise ConfigError(
+                f'table [{key}] belongs to the plugin "{key}", which is not enabled: add it to plugins, '
+                f'e.g. plugins = ["{key}"]',
+                file=source,
+                key=key,
+            )
+
+
+def _explain(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            choices = _fields_at(model, err["loc"][:-1])
+            lines.append(f"unknown key {key!r}{did_you_mean(loc[-1], choices)}; valid keys here: {', '.join(sorted(choices))}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        else:
+            got = err.get("input")
+            lines.append(f"key {key!r}: got {got!r} ({type(got).__name__}); {err['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the table at ``loc`` (list indices are stepped through)."""
+    annotation: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = _unwrap(annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or part not in annotation.model_fields:
+            return []
+        annotation = annotation.model_fields[part].annotation
+    annotation = _unwrap(annotation)
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The BaseModel inside Optional[...] / list[...]."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        for inner in typing.get_args(arg):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation

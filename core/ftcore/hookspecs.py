@@ -1,0 +1,167 @@
+"""The hook contract between the ftcore core and its plugins.
+
+A plugin is a module (or object) with functions decorated by ``ftcore.hookimpl`` whose names
+match the specs below. An implementation may accept any subset of a spec's arguments.
+Plugins are found through the ``ftcore`` entry-point group and enabled by listing their
+name in the config's ``plugins = [...]``; core features are built-in plugins, always on.
+
+Order of calls for ``ftcore run`` (see ``pipeline.py``)::
+
+    config_section -> validate_config
+    register_formats / register_methods / register_rewards   (registries, lazy)
+    before_model_load -> model_load_kwargs -> load_model -> patch_model
+        -> (adapter) -> after_model_load
+    trainer_callbacks, compute_loss (every step), checkpoint_state (every save)
+    restore_checkpoint_state (on --resume) -> after_train
+
+Registries receive a ``register(name, target)`` callable. ``target`` is an import string
+(``"package.module:attribute"``) or a light object; import strings keep ``ftcore plugins``,
+``validate`` and ``schema`` free of torch. A duplicate name across plugins is an error naming
+both.
+
+Plugin modules must not import torch (or anything heavy) at import time: import inside the
+hook bodies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import click
+    from pydantic import BaseModel
+
+    from ftcore.config import Config
+
+hookspec = pluggy.HookspecMarker("ftcore")
+hookimpl = pluggy.HookimplMarker("ftcore")
+
+Register = Callable[[str, Any], None]
+
+
+@hookspec
+def config_section() -> type[BaseModel] | None:
+    """Return the pydantic model of this plugin's config table, or None for no table.
+
+    The table is named after the plugin (its entry-point name, or the ``name`` attribute an
+    in-house plugin module declares). Called once per enabled plugin while the config is
+    validated; never imports torch. Unknown keys in the table are errors, so the model
+    should keep pydantic's default ``extra="forbid"`` behaviour that ftcore applies.
+    """
+
+
+@hookspec
+def validate_config(config: Config) -> None:
+    """Cross-table checks after every table validated; raise ``ftcore.errors.ConfigError``.
+
+    Runs in ``ftcore validate`` and at the start of ``ftcore run``; must not import torch.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add click commands to the ``ftcore`` CLI (e.g. ``vllm-serve``).
+
+    Called for every installed plugin when the CLI starts, enabled or not (commands are not
+    tied to a config). Keep the module import light.
+    """
+
+
+@hookspec
+def register_formats(register: Register) -> None:
+    """Register dataset row formats: ``register("alpaca", "pkg.formats:Alpaca")``.
+
+    A format turns raw rows into one canonical row schema (``messages``,
+    ``prompt_completion``, ``text``, ``preference``, ``prompt_only``, ``tokens``); see
+    ``ftcore.data.formats.RowFormat`` for the interface.
+    """
+
+
+@hookspec
+def register_methods(register: Register) -> None:
+    """Register training methods: ``register("dpo", "ftcore_dpo.method:DPOMethod")``.
+
+    A method is a class following ``ftcore.methods.Method``: it names the row schemas it
+    accepts and builds an HF-Trainer-compatible trainer from a ``ftcore.methods.Run``.
+    """
+
+
+@hookspec
+def register_rewards(register: Register) -> None:
+    """Register named reward functions ``fn(completions, **columns) -> list[float | None]``."""
+
+
+@hookspec
+def before_model_load(config: Config, model_config: Any) -> None:
+    """Class-level patches that need the HF ``PretrainedConfig`` (``model_config``).
+
+    Runs after the model config is read and before any weights load. Use it to patch the
+    modelling classes of ``model_config.model_type`` (liger, cce). May mutate
+    ``model_config``.
+    """
+
+
+@hookspec
+def model_load_kwargs(config: Config, kwargs: dict[str, Any]) -> None:
+    """Adjust the keyword arguments of ``from_pretrained`` / ``from_config`` in place.
+
+    Keys include ``dtype``, ``attn_implementation``, ``experts_implementation``,
+    ``quantization_config``, ``device_map``, ``config``. Runs after ``before_model_load``.
+    """
+
+
+@hookspec(firstresult=True)
+def load_model(config: Config, kwargs: dict[str, Any]) -> Any:
+    """Build and return the model, or None to let the next implementation do it.
+
+    The Hugging Face loader is built in and runs last (``trylast``); a plugin returning a
+    model here replaces it. ``kwargs`` are the final load arguments.
+    """
+
+
+@hookspec
+def patch_model(config: Config, model: Any) -> None:
+    """Module swaps and forward patches on the built model, before adapters are added."""
+
+
+@hookspec
+def after_model_load(config: Config, model: Any) -> None:
+    """Runs after adapters are added (``model`` may be a peft model). Verify patches here."""
+
+
+@hookspec(firstresult=True)
+def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in_batch: Any) -> Any:
+    """Return the training loss for ``batch`` (a scalar tensor), or None for the default.
+
+    Called inside the trainer's ``compute_loss`` for every micro-batch. The loss must be the
+    sum over trained tokens divided by ``num_items_in_batch`` (the number of trained tokens
+    in the whole gradient-accumulation step) when that is given, so that the loss does not
+    depend on ``gradient_accumulation_steps``. Fused/chunked losses (cce, liger) live here.
+    """
+
+
+@hookspec
+def trainer_callbacks(config: Config) -> list[Any] | None:
+    """Return extra ``transformers.TrainerCallback`` instances for the trainer."""
+
+
+@hookspec
+def checkpoint_state(config: Config) -> dict[str, Any] | None:
+    """Return this plugin's state to store in a checkpoint (JSON-serialisable or tensors).
+
+    Called on every checkpoint save; the state is stored under the plugin's name and handed
+    back to the same plugin's ``restore_checkpoint_state`` on ``--resume``. Online-RL methods
+    keep replay buffers, rollout positions and generation-server state here.
+    """
+
+
+@hookspec
+def restore_checkpoint_state(config: Config, state: dict[str, Any]) -> None:
+    """Restore what this plugin returned from ``checkpoint_state`` (called on resume)."""
+
+
+@hookspec
+def after_train(config: Config, result: Any) -> None:
+    """Runs once after training and the final save (``result`` is a ``ftcore.methods.RunResult``)."""

@@ -1,0 +1,58 @@
+"""The training-method contract: what ``register_methods`` registers.
+
+A method is a class with:
+
+- ``row_schemas``: the canonical row schemas it accepts (``messages``, ``prompt_completion``,
+  ``text``, ``tokens``, ``preference``, ``prompt_only``); the core checks every dataset's
+  format against it before loading anything.
+- ``validate(config)`` (classmethod, optional): cross-table checks; raise ``ConfigError``.
+- ``build_trainer(run)``: return a ``transformers.Trainer`` (or subclass, e.g. a TRL trainer)
+  built from the ``Run``. The core then trains it, resumes it, saves checkpoints through its
+  callbacks and writes the final model.
+
+Online-RL methods (GRPO, EBFT, NeMo Gym) fit the same shape: ``prompt_only`` rows, rewards
+from the reward registry, a generation client started in ``build_trainer``, plugin state
+(replay buffers, rollout positions) through ``checkpoint_state`` / ``restore_checkpoint_state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ftcore.config import Config
+    from ftcore.plugins import Plugins
+
+
+class Method(Protocol):
+    row_schemas: ClassVar[tuple[str, ...]]
+
+    def build_trainer(self, run: Run) -> Any: ...
+
+
+@dataclass
+class Run:
+    """Everything a method needs to build its trainer."""
+
+    config: Config
+    plugins: Plugins
+    model: Any
+    tokenizer: Any
+    output_dir: Path
+    train_dataset: Any = None
+    eval_dataset: Any = None
+    callbacks: list[Any] = field(default_factory=list)
+    training_args: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+
+
+@dataclass
+class RunResult:
+    """What ``after_train`` receives."""
+
+    output_dir: Path
+    global_step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False

@@ -1,0 +1,288 @@
+"""Plugin manager: discovery through entry points, enabling by name, registries, tracing.
+
+Installed plugins are listed from package metadata (entry-point group ``ftcore``) without
+importing them. A plugin is imported only when it is enabled (listed in ``plugins``), listed
+by ``ftcore plugins``, or asked for its CLI commands. Core features are built-in plugins,
+registered the same way and always on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from ftcore import __version__, hookspecs
+from ftcore.errors import PluginError, did_you_mean
+
+ENTRY_POINT_GROUP = "ftcore"
+BUILTIN_PLUGINS = {
+    "core.formats": "ftcore.builtin.formats",
+    "core.model": "ftcore.builtin.model",
+    "core.sft": "ftcore.builtin.sft",
+}
+REGISTRY_HOOKS = {"format": "register_formats", "method": "register_methods", "reward": "register_rewards"}
+
+
+@dataclass
+class PluginInfo:
+    """What ``ftcore plugins`` shows about one plugin."""
+
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    config_table: str | None = None
+
+
+def installed_plugins() -> dict[str, Any]:
+    """Entry points of the ``ftcore`` group by name (nothing is imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _import_plugin(name: str, module_path: str, distribution: str | None):
+    try:
+        return importlib.import_module(module_path)
+    except Exception as exc:
+        source = f"distribution {distribution!r}, " if distribution else ""
+        raise PluginError(
+            f"failed to import ({source}module {module_path!r}): {type(exc).__name__}: {exc}", plugin=name
+        ) from exc
+
+
+class Plugins:
+    """The plugins of one run: built-ins plus the enabled ones, with their registries."""
+
+    def __init__(self, enabled: list[str] | tuple[str, ...] = (), *, trace: bool | None = None):
+        self.pm = pluggy.PluginManager("ftcore")
+        self.pm.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self._registries: dict[str, Registry] = {}
+        for name, module_path in BUILTIN_PLUGINS.items():
+            self._register(name, importlib.import_module(module_path), None, None, builtin=True)
+        installed = installed_plugins()
+        for name in enabled:
+            self.enable(name, installed)
+        self._check_pending()
+        if trace if trace is not None else os.environ.get("FTCORE_TRACE_HOOKS") == "1":
+            _add_tracing(self.pm)
+
+    def enable(self, name: str, installed: dict[str, Any] | None = None) -> None:
+        """Enable a plugin by entry-point name or dotted module path."""
+        installed = installed_plugins() if installed is None else installed
+        if name in installed:
+            ep = installed[name]
+            dist = ep.dist.name if ep.dist else None
+            module = _import_plugin(name, ep.value.split(":")[0], dist)
+            if ":" in ep.value:
+                module = getattr(module, ep.value.split(":")[1])
+            self._register(name, module, dist, ep.dist.version if ep.dist else None, builtin=False)
+        elif "." in name:
+            module = _import_plugin(name, name, None)
+            plugin_name = getattr(module, "name", None) or name.rsplit(".", 1)[-1]
+            self._register(plugin_name, module, None, None, builtin=False, module_path=name)
+        else:
+            choices = sorted(installed)
+            raise PluginError(
+                f"not installed{did_you_mean(name, choices)}. Installed plugins: {', '.join(choices) or 'none'}. "
+                "Install it with pip, or give an in-house plugin as a dotted module path.",
+                plugin=name,
+            )
+
+    def _register(self, name, plugin, dist, version, *, builtin, module_path=None):
+        if name in self.infos:
+            return
+        self.pm.register(plugin, name=name)
+        self.infos[name] = _info(name, plugin, dist, version, builtin=builtin, module_path=module_path)
+
+    def _check_pending(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            plugin_name = self.pm.get_name(exc.plugin) if exc.plugin is not None else None
+            raise PluginError(f"a hook implementation matches no hook spec: {exc}", plugin=plugin_name) from exc
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    @property
+    def enabled(self) -> list[str]:
+        """Names of the enabled, non-built-in plugins, in order."""
+        return [name for name, info in self.infos.items() if not info.builtin]
+
+    def call_each(self, hook_name: str, **kwargs) -> dict[str, Any]:
+        """Call a hook on each plugin separately; return {plugin name: result} (None omitted)."""
+        results = {}
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
+            result = self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+            value = result[0] if isinstance(result, list) and result else (None if result == [] else result)
+            if value is not None:
+                results[impl.plugin_name] = value
+        return results
+
+    def config_sections(self) -> dict[str, type]:
+        """{table name: pydantic model} of the enabled plugins that declare a table."""
+        return self.call_each("config_section")
+
+    def registry(self, kind: str) -> Registry:
+        """The registry of ``kind`` ("format", "method", "reward"), built on first use."""
+        if kind not in self._registries:
+            self._registries[kind] = Registry(kind, self)
+        return self._registries[kind]
+
+
+class Registry:
+    """Names to import strings or objects, each owned by one plugin."""
+
+    def __init__(self, kind: str, plugins: Plugins):
+        self.kind = kind
+        self.entries: dict[str, tuple[Any, str]] = {}
+        self._plugins = plugins
+        hook_name = REGISTRY_HOOKS[kind]
+        for impl in getattr(plugins.pm.hook, hook_name).get_hookimpls():
+            others = [p for p in plugins.pm.get_plugins() if p is not impl.plugin]
+            caller = plugins.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            caller(register=self._register_for(impl.plugin_name))
+
+    def _register_for(self, plugin_name: str):
+        def register(name: str, target: Any) -> None:
+            if name in self.entries and self.entries[name][1] != plugin_name:
+                raise PluginError(
+                    f"{self.kind} {name!r} is registered by both {self.entries[name][1]!r} and {plugin_name!r}; "
+                    "disable one of them.",
+                    plugin=plugin_name,
+                )
+            self.entries[name] = (target, plugin_name)
+
+        return register
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def owner(self, name: str) -> str:
+        self._check(name)
+        return self.entries[name][1]
+
+    def get(self, name: str) -> Any:
+        """The registered object, importing it if it was registered as an import string."""
+        self._check(name)
+        target, plugin_name = self.entries[name]
+        if isinstance(target, str):
+            module_path, _, attribute = target.partition(":")
+            try:
+                obj = importlib.import_module(module_path)
+                for part in attribute.split(".") if attribute else ():
+                    obj = getattr(obj, part)
+            except Exception as exc:
+                raise PluginError(
+                    f"cannot import {self.kind} {name!r} from {target!r}: {type(exc).__name__}: {exc}",
+                    plugin=plugin_name,
+                ) from exc
+            return obj
+        return target
+
+    def _check(self, name: str) -> None:
+        if name in self.entries:
+            return
+        provider = disabled_provider(self.kind, name, set(self._plugins.infos))
+        if provider:
+            raise PluginError(
+                f'{self.kind} "{name}" is provided by the plugin "{provider}", which is not enabled: '
+                f'add it to plugins, e.g. plugins = ["{provider}"].'
+            )
+        raise PluginError(
+            f'unknown {self.kind} "{name}"{did_you_mean(name, self.entries)}. '
+            f"Available: {', '.join(self.names()) or 'none'}."
+        )
+
+
+def disabled_provider(kind: str, name: str, enabled: set[str]) -> str | None:
+    """The installed-but-disabled plugin that registers ``kind`` ``name``, if any."""
+    for ep_name, ep in installed_plugins().items():
+        if ep_name in enabled:
+            continue
+        try:
+            module = importlib.import_module(ep.value.split(":")[0])
+        except Exception:  # a broken plugin cannot be the provider; its error shows when enabled
+            continue
+        register_hook = getattr(module, REGISTRY_HOOKS[kind], None)
+        if not _is_hookimpl(register_hook):
+            continue
+        names: list[str] = []
+        register_hook(register=lambda registered, _target: names.append(registered))
+        if name in names:
+            return ep_name
+    return None
+
+
+def _info(name: str, module, dist, version, *, builtin: bool, module_path: str | None = None) -> PluginInfo:
+    hooks = sorted(n for n in dir(module) if _is_hookimpl(getattr(module, n, None)))
+    return PluginInfo(
+        name=name,
+        module=module_path or getattr(module, "__name__", type(module).__name__),
+        distribution=dist,
+        version=version or (__version__ if builtin else None),
+        builtin=builtin,
+        hooks=hooks,
+        config_table=name if (not builtin and "config_section" in hooks) else None,
+    )
+
+
+def describe_installed() -> list[PluginInfo]:
+    """PluginInfo of every built-in and installed plugin (imports the plugin modules)."""
+    infos = [
+        _info(name, importlib.import_module(path), None, None, builtin=True) for name, path in BUILTIN_PLUGINS.items()
+    ]
+    for name, ep in sorted(installed_plugins().items()):
+        dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
+        try:
+            module = importlib.import_module(ep.value.split(":")[0])
+        except Exception as exc:
+            info = PluginInfo(name, ep.value, dist, version, builtin=False)
+            info.hooks = [f"<import failed: {type(exc).__name__}: {exc}>"]
+        else:
+            info = _info(name, module, dist, version, builtin=False, module_path=ep.value)
+        infos.append(info)
+    return infos
+
+
+def plugin_commands(cli) -> None:
+    """Let every installed plugin add CLI commands; a broken plugin is reported, not fatal."""
+    pm = pluggy.PluginManager("ftcore")
+    pm.add_hookspecs(hookspecs)
+    for name, ep in installed_plugins().items():
+        try:
+            pm.register(importlib.import_module(ep.value.split(":")[0]), name=name)
+        except Exception as exc:
+            print(f"ftcore: warning: plugin {name!r} failed to import: {exc}", file=sys.stderr)
+    pm.hook.register_commands(cli=cli)
+
+
+def _is_hookimpl(obj) -> bool:
+    return callable(obj) and hasattr(obj, "ftcore_impl")
+
+
+def _add_tracing(pm: pluggy.PluginManager) -> None:
+    starts: list[float] = []
+
+    def before(hook_name, hook_impls, kwargs):
+        starts.append(time.perf_counter())
+        names = ", ".join(impl.plugin_name for impl in hook_impls)
+        print(f"[ftcore hook] {hook_name}({', '.join(kwargs)}) -> [{names}]", file=sys.stderr)
+
+    def after(outcome, hook_name, hook_impls, kwargs):
+        elapsed = (time.perf_counter() - starts.pop()) * 1000
+        status = "raised " + type(outcome.exception).__name__ if outcome.exception else "ok"
+        print(f"[ftcore hook] {hook_name} {status} in {elapsed:.1f} ms", file=sys.stderr)
+
+    pm.add_hookcall_monitoring(before, after)

@@ -1,0 +1,70 @@
+"""Helpers for tests: the one test-asset locator and tiny real-architecture models.
+
+Assets (the pretrained ``models/stories260K-hf`` and the ``data/`` subsets) are found through
+``FTCORE_TEST_ASSETS``; the default is ``shared/`` inside the checkout, then ``../shared``
+beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS_ENV = "FTCORE_TEST_ASSETS"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+class MissingAssets(RuntimeError):
+    pass
+
+
+def assets_dir() -> Path:
+    """The folder holding ``models/`` and ``data/``; a clear error when it is missing."""
+    candidates = [Path(os.environ[ASSETS_ENV])] if os.environ.get(ASSETS_ENV) else []
+    candidates += [CHECKOUT / "shared", CHECKOUT.parent / "shared"]
+    for candidate in candidates:
+        if (candidate / "models").is_dir() and (candidate / "data").is_dir():
+            return candidate.resolve()
+    tried = ", ".join(str(c) for c in candidates)
+    raise MissingAssets(
+        f"test assets not found (tried {tried}). Set {ASSETS_ENV} to the folder holding models/ and data/."
+    )
+
+
+def asset(relative: str) -> Path:
+    """A path inside the assets folder, checked to exist."""
+    path = assets_dir() / relative
+    if not path.exists():
+        raise MissingAssets(f"test asset {relative!r} missing under {assets_dir()}")
+    return path
+
+
+def stories_model() -> Path:
+    """The real pretrained tiny Llama (TinyStories 260K, 512-token vocab, 512 context)."""
+    return asset("models/stories260K-hf")
+
+
+def tiny_config(architecture: str = "llama", **overrides):
+    """A tiny random-init config of a real architecture: llama, qwen3, qwen3_moe, mixtral."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    extra = {
+        "llama": {},
+        "qwen3": {},
+        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
+        "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    }[architecture]
+    return AutoConfig.for_model(architecture, **{**common, **extra, **overrides})
+
+
+def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):
+    """A tiny random-init ``*ForCausalLM`` in float32, eval mode off (ready to train)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides), dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""ftcore plugin `cce`: Cut Cross-Entropy loss for ftcore: the logits are never materialised."""

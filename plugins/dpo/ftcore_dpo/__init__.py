@@ -1,0 +1,1 @@
+"""ftcore plugin `dpo`: DPO preference training (TRL DPOTrainer) for ftcore."""

@@ -1,0 +1,1 @@
+"""ftcore plugin `scattermoe`: ScatterMoE Triton expert kernels with LoRA on experts for ftcore."""
