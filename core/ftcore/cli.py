@@ -70,21 +70,23 @@ def validate(config_path, overrides):
 
 @cli.command()
 @click.option("--section", default=None, help="Only this table (model, train, or a plugin's table).")
-def schema(section):
+@click.option("--markdown", is_flag=True, help="The config reference in Markdown (docs/config.md) instead of JSON schema.")
+def schema(section, markdown):
     """Print the JSON schema of the config (core tables and every installed plugin's table)."""
-    from ftcore.config import build_config_model
+    from ftcore.config import config_reference, installed_config_model
     from ftcore.errors import ConfigError, did_you_mean
-    from ftcore.plugins import Plugins, installed_plugins
 
-    model = build_config_model(Plugins(list(installed_plugins())).config_sections())
+    model = installed_config_model(on_error=lambda exc: click.echo(f"warning: {exc}; its table is left out", err=True))
     full = model.model_json_schema()
-    if section is None:
-        click.echo(json.dumps(full, indent=2))
-        return
     props = full.get("properties", {})
-    if section not in props:
+    if section is not None and section not in props:
         raise ConfigError(f"no table {section!r}{did_you_mean(section, props)}; tables: {', '.join(props)}")
-    click.echo(json.dumps({"properties": {section: props[section]}, "$defs": full.get("$defs", {})}, indent=2))
+    if markdown:
+        click.echo(config_reference(model, only=section), nl=False)
+    elif section is None:
+        click.echo(json.dumps(full, indent=2))
+    else:
+        click.echo(json.dumps({"properties": {section: props[section]}, "$defs": full.get("$defs", {})}, indent=2))
 
 
 @cli.command()
@@ -102,7 +104,7 @@ def plugins(as_json):
     for info in infos:
         kind = "built-in" if info.builtin else f"{info.distribution} {info.version}"
         table = f" [{info.config_table}]" if info.config_table else ""
-        click.echo(f"{info.name} ({kind}){table}: {', '.join(info.hooks)}")
+        click.echo(f"{info.name} ({kind}){table}: {info.error or ', '.join(info.hooks)}")
 
 
 @cli.command()

@@ -16,9 +16,18 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+)
 
-from ftcore.errors import ConfigError, did_you_mean
+from ftcore.errors import ConfigError, PluginError, did_you_mean
 from ftcore.plugins import Plugins, installed_plugins
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -145,11 +154,12 @@ class ConfigBase(BaseModel):
     datasets: list[DatasetSection] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection
+    _source: str | None = PrivateAttr(None)
 
     @property
     def source(self) -> str | None:
         """The config file this came from (None when built in code)."""
-        return getattr(self, "_source", None)
+        return self._source
 
     def to_toml(self) -> str:
         import tomli_w
@@ -175,8 +185,12 @@ def build_config_model(sections: dict[str, type[BaseModel]]) -> type[ConfigBase]
     """The Config class with one optional-or-required field per plugin table."""
     fields: dict[str, Any] = {}
     for name, model in sections.items():
+        if not (isinstance(model, type) and issubclass(model, Section)):
+            raise PluginError(
+                f"config_section() returned {model!r}; return a subclass of ftcore.config.Section (or None)", plugin=name
+            )
         if name in ConfigBase.model_fields:
-            raise ConfigError(f"plugin table name {name!r} clashes with a core table")
+            raise PluginError(f"its table [{name}] clashes with the core table of that name; rename the plugin", plugin=name)
         try:
             default = model()
             fields[name] = (model, Field(default=default))
@@ -208,28 +222,34 @@ def parse_override(value: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``key.path=VALUE`` overrides in place; list items are addressed by index."""
+    """Apply ``key.path=VALUE`` overrides in place.
+
+    Items of an array of tables are addressed by index; the index one past the end appends a
+    new table (``datasets.0.path=x`` on a config without datasets creates the first one).
+    """
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        parts = key.strip().split(".")
+        parts = key.split(".")
         node: Any = raw
         for i, part in enumerate(parts):
-            last = i == len(parts) - 1
+            here = ".".join(parts[: i + 1])
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {key}: index {part!r} is not an item of a {len(node)}-item array", key=key)
-                if last:
-                    node[int(part)] = parse_override(value)
-                else:
-                    node = node[int(part)]
-            elif last:
-                node[part] = parse_override(value)
+                if not part.isdigit() or int(part) > len(node):
+                    raise ConfigError(f"--set: {part!r} is not an index of this {len(node)}-item array", key=here)
+                part = int(part)
+                if part == len(node):
+                    node.append({})
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set: {'.'.join(parts[:i])} is a value, not a table", key=key)
+            if i == len(parts) - 1:
+                node[part] = parse_override(value.strip())
+            elif isinstance(node, list) or part in node:
+                node = node[part]
             else:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict | list):
-                    raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a table", key=key)
+                node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
     return raw
 
 
@@ -254,12 +274,24 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
         raise ConfigError(_explain(exc, model), file=source) from None
     config._source = source
     try:
+        _check_registered_names(config, plugins)
         plugins.hook.validate_config(config=config)
     except ConfigError as exc:
         if exc.file is None and source:
-            raise ConfigError(str(exc), file=source) from None
+            raise ConfigError(exc.message, file=source, key=exc.key) from None
         raise
     return config, plugins
+
+
+def _check_registered_names(config: ConfigBase, plugins: Plugins) -> None:
+    """The method and every dataset format must be registered by an enabled plugin."""
+    names = [("method", "train.method", config.train.method)]
+    names += [("format", f"datasets.{i}.format", d.format) for i, d in enumerate(config.datasets)]
+    for kind, key, name in names:
+        try:
+            plugins.registry(kind).owner(name)
+        except PluginError as exc:
+            raise ConfigError(str(exc), key=key) from None
 
 
 def _check_disabled_tables(raw: dict[str, Any], model: type[BaseModel], source: str | None) -> None:
@@ -275,19 +307,48 @@ def _check_disabled_tables(raw: dict[str, Any], model: type[BaseModel], source: 
 
 
 def _explain(exc: ValidationError, model: type[BaseModel]) -> str:
-    lines = []
+    problems: dict[str, list[dict]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc)
-        if err["type"] == "extra_forbidden":
-            choices = _fields_at(model, err["loc"][:-1])
-            lines.append(f"unknown key {key!r}{did_you_mean(loc[-1], choices)}; valid keys here: {', '.join(sorted(choices))}")
-        elif err["type"] == "missing":
-            lines.append(f"missing required key {key!r}")
+        problems.setdefault(_key_path(model, err), []).append(err)
+    lines = []
+    for key, errs in problems.items():
+        first = errs[0]
+        if first["type"] == "extra_forbidden":
+            choices = _fields_at(model, first["loc"][:-1])
+            suggestions = choices + (list(installed_plugins()) if len(first["loc"]) == 1 else [])
+            lines.append(
+                f"unknown {'table' if isinstance(first['input'], dict) else 'key'} {key!r}"
+                f"{did_you_mean(str(first['loc'][-1]), suggestions)}; valid keys here: {', '.join(sorted(choices))}"
+            )
+        elif first["type"] == "missing":
+            is_table = _fields_at(model, first["loc"]) != []
+            lines.append(f"missing required {'table [' + key + ']' if is_table else 'key ' + repr(key)}")
         else:
-            got = err.get("input")
-            lines.append(f"key {key!r}: got {got!r} ({type(got).__name__}); {err['msg']}")
+            got = first.get("input")
+            expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
+            lines.append(f"key {key!r}: got {got!r} ({type(got).__name__}); expected {expected}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _key_path(model: type[BaseModel], err: dict) -> str:
+    """The dotted config key of a pydantic error, without pydantic's union-member tags."""
+    annotation: Any = model
+    parts: list[str] = []
+    for i, part in enumerate(err["loc"]):
+        target = _unwrap(annotation)
+        if isinstance(part, int):
+            pass
+        elif isinstance(target, type) and issubclass(target, BaseModel):
+            if part in target.model_fields:
+                annotation = target.model_fields[part].annotation
+            elif not (err["type"] == "extra_forbidden" and i == len(err["loc"]) - 1):
+                break
+        elif typing.get_origin(target) is dict:
+            annotation = typing.get_args(target)[1]
+        else:
+            break
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -313,3 +374,97 @@ def _unwrap(annotation: Any) -> Any:
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 return inner
     return annotation
+
+
+def installed_config_model(on_error=None) -> type[ConfigBase]:
+    """The Config model with the table of every installed plugin (for ``ftcore schema``).
+
+    A plugin that fails to load is handed to ``on_error`` (a ``PluginError``) and left out.
+    """
+    sections: dict[str, type[BaseModel]] = {}
+    for name in installed_plugins():
+        try:
+            sections.update(Plugins([name]).config_sections())
+        except PluginError as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+    return build_config_model(sections)
+
+
+def config_reference(model: type[ConfigBase], only: str | None = None) -> str:
+    """The Markdown config reference: every table, key, type, default and description."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `ftcore schema --markdown` from the config models of the core and of the plugins",
+        "installed when it ran; do not edit by hand. Relative paths resolve from the config file's folder.",
+        "",
+    ]
+    top = {name: field for name, field in model.model_fields.items() if _table_model(field.annotation) is None}
+    if only is None:
+        lines += ["## Top level", "", *_key_table(top)]
+    for name, field in model.model_fields.items():
+        table = _table_model(field.annotation)
+        if table is None or only not in (None, name):
+            continue
+        is_array = typing.get_origin(field.annotation) is list
+        heading = f"[[{name}]]" if is_array else f"[{name}]"
+        core = name in ConfigBase.model_fields
+        summary = re.sub(r"^``[^`]*``:\s*", "", " ".join((table.__doc__ or "").split()))
+        lines += [f"## `{heading}`", "", summary[:1].upper() + summary[1:]]
+        if not core:
+            lines.append(f'Added by the plugin `{name}`: enable it with `plugins = ["{name}"]`.')
+        if field.is_required():
+            lines.append("This table is required.")
+        elif field.description:
+            lines.append(field.description)
+        lines += ["", *_key_table(table.model_fields)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _key_table(fields: dict[str, Any]) -> list[str]:
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for name, field in fields.items():
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = "not set" if value is None else f"`{json.dumps(value)}`"
+        description = (field.description or "").replace("|", "\\|")
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        rows.append(f"| `{name}` | {_type_name(annotation)} | {default} | {description} |")
+    return rows + [""]
+
+
+def _type_name(annotation: Any) -> str:
+    """A short human name of a field type: "integer", "path or hub id", "list of string"..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    validators = {getattr(m, "func", None) for m in getattr(annotation, "__metadata__", ())}
+    if _resolve_path in validators:
+        return "path"
+    if _resolve_ref in validators:
+        return "path or hub id"
+    if origin is Annotated:
+        bounds = [
+            f"{op} {getattr(m, attr)}"
+            for m in args[1:]
+            for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+            if getattr(m, attr, None) is not None
+        ]
+        return _type_name(args[0]) + (f" ({', '.join(bounds)})" if bounds else "")
+    if origin is Literal:
+        return "one of " + ", ".join(f'`"{a}"`' for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"table of {_type_name(args[1])}"
+    if args:  # a union
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", Any: "any"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _table_model(annotation: Any) -> type[BaseModel] | None:
+    model = _unwrap(annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None

@@ -14,7 +14,7 @@ class ConfigError(UserError):
     """A config file, key or value is wrong."""
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
-        self.file, self.key = file, key
+        self.message, self.file, self.key = message, file, key
         where = ": ".join(part for part in (file, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
 

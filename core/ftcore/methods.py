@@ -56,3 +56,5 @@ class RunResult:
     global_step: int
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+    model: Any = None
+    """The trained model in memory (for notebooks and tests)."""

@@ -41,6 +41,7 @@ class PluginInfo:
     builtin: bool
     hooks: list[str] = field(default_factory=list)
     config_table: str | None = None
+    error: str | None = None
 
 
 def installed_plugins() -> dict[str, Any]:
@@ -48,14 +49,25 @@ def installed_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _import_plugin(name: str, module_path: str, distribution: str | None):
+def import_target(target: str) -> Any:
+    """Import ``"package.module"`` or ``"package.module:attribute.path"``."""
+    module_path, _, attribute = target.partition(":")
+    obj = importlib.import_module(module_path)
+    for part in attribute.split(".") if attribute else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def _import_plugin(name: str, target: str, distribution: str | None):
     try:
-        return importlib.import_module(module_path)
+        return import_target(target)
     except Exception as exc:
         source = f"distribution {distribution!r}, " if distribution else ""
-        raise PluginError(
-            f"failed to import ({source}module {module_path!r}): {type(exc).__name__}: {exc}", plugin=name
-        ) from exc
+        raise PluginError(f"failed to import ({source}{target!r}): {type(exc).__name__}: {exc}", plugin=name) from exc
+
+
+def _load_entry_point(name: str, ep) -> Any:
+    return _import_plugin(name, ep.value, ep.dist.name if ep.dist else None)
 
 
 class Plugins:
@@ -80,11 +92,8 @@ class Plugins:
         installed = installed_plugins() if installed is None else installed
         if name in installed:
             ep = installed[name]
-            dist = ep.dist.name if ep.dist else None
-            module = _import_plugin(name, ep.value.split(":")[0], dist)
-            if ":" in ep.value:
-                module = getattr(module, ep.value.split(":")[1])
-            self._register(name, module, dist, ep.dist.version if ep.dist else None, builtin=False)
+            dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
+            self._register(name, _load_entry_point(name, ep), dist, version, builtin=False)
         elif "." in name:
             module = _import_plugin(name, name, None)
             plugin_name = getattr(module, "name", None) or name.rsplit(".", 1)[-1]
@@ -98,9 +107,12 @@ class Plugins:
             )
 
     def _register(self, name, plugin, dist, version, *, builtin, module_path=None):
-        if name in self.infos:
+        if name in self.infos or self.pm.is_registered(plugin):
             return
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"invalid hook implementation: {exc}", plugin=name) from exc
         self.infos[name] = _info(name, plugin, dist, version, builtin=builtin, module_path=module_path)
 
     def _check_pending(self) -> None:
@@ -119,13 +131,18 @@ class Plugins:
         """Names of the enabled, non-built-in plugins, in order."""
         return [name for name, info in self.infos.items() if not info.builtin]
 
+    def call_one(self, hook_name: str, plugin_name: str, **kwargs) -> Any:
+        """Call a hook on one plugin only (tracing still applies); its result or None."""
+        plugin = self.pm.get_plugin(plugin_name)
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        result = self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+        return (result[0] if result else None) if isinstance(result, list) else result
+
     def call_each(self, hook_name: str, **kwargs) -> dict[str, Any]:
         """Call a hook on each plugin separately; return {plugin name: result} (None omitted)."""
         results = {}
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            others = [p for p in self.pm.get_plugins() if p is not impl.plugin]
-            result = self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
-            value = result[0] if isinstance(result, list) and result else (None if result == [] else result)
+            value = self.call_one(hook_name, impl.plugin_name, **kwargs)
             if value is not None:
                 results[impl.plugin_name] = value
         return results
@@ -150,9 +167,7 @@ class Registry:
         self._plugins = plugins
         hook_name = REGISTRY_HOOKS[kind]
         for impl in getattr(plugins.pm.hook, hook_name).get_hookimpls():
-            others = [p for p in plugins.pm.get_plugins() if p is not impl.plugin]
-            caller = plugins.pm.subset_hook_caller(hook_name, remove_plugins=others)
-            caller(register=self._register_for(impl.plugin_name))
+            plugins.call_one(hook_name, impl.plugin_name, register=self._register_for(impl.plugin_name))
 
     def _register_for(self, plugin_name: str):
         def register(name: str, target: Any) -> None:
@@ -178,17 +193,13 @@ class Registry:
         self._check(name)
         target, plugin_name = self.entries[name]
         if isinstance(target, str):
-            module_path, _, attribute = target.partition(":")
             try:
-                obj = importlib.import_module(module_path)
-                for part in attribute.split(".") if attribute else ():
-                    obj = getattr(obj, part)
+                return import_target(target)
             except Exception as exc:
                 raise PluginError(
                     f"cannot import {self.kind} {name!r} from {target!r}: {type(exc).__name__}: {exc}",
                     plugin=plugin_name,
                 ) from exc
-            return obj
         return target
 
     def _check(self, name: str) -> None:
@@ -212,10 +223,10 @@ def disabled_provider(kind: str, name: str, enabled: set[str]) -> str | None:
         if ep_name in enabled:
             continue
         try:
-            module = importlib.import_module(ep.value.split(":")[0])
-        except Exception:  # a broken plugin cannot be the provider; its error shows when enabled
+            plugin = _load_entry_point(ep_name, ep)
+        except PluginError:  # a broken plugin cannot be the provider; its error shows when enabled
             continue
-        register_hook = getattr(module, REGISTRY_HOOKS[kind], None)
+        register_hook = getattr(plugin, REGISTRY_HOOKS[kind], None)
         if not _is_hookimpl(register_hook):
             continue
         names: list[str] = []
@@ -225,16 +236,17 @@ def disabled_provider(kind: str, name: str, enabled: set[str]) -> str | None:
     return None
 
 
-def _info(name: str, module, dist, version, *, builtin: bool, module_path: str | None = None) -> PluginInfo:
-    hooks = sorted(n for n in dir(module) if _is_hookimpl(getattr(module, n, None)))
+def _info(name: str, plugin, dist, version, *, builtin: bool, module_path: str | None = None) -> PluginInfo:
+    hooks = sorted(n for n in dir(plugin) if _is_hookimpl(getattr(plugin, n, None)))
+    has_table = "config_section" in hooks and plugin.config_section() is not None
     return PluginInfo(
         name=name,
-        module=module_path or getattr(module, "__name__", type(module).__name__),
-        distribution=dist,
-        version=version or (__version__ if builtin else None),
+        module=module_path or getattr(plugin, "__name__", type(plugin).__name__),
+        distribution="ftcore" if builtin else dist,
+        version=__version__ if builtin else version,
         builtin=builtin,
         hooks=hooks,
-        config_table=name if (not builtin and "config_section" in hooks) else None,
+        config_table=name if has_table and not builtin else None,
     )
 
 
@@ -246,25 +258,24 @@ def describe_installed() -> list[PluginInfo]:
     for name, ep in sorted(installed_plugins().items()):
         dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
         try:
-            module = importlib.import_module(ep.value.split(":")[0])
-        except Exception as exc:
-            info = PluginInfo(name, ep.value, dist, version, builtin=False)
-            info.hooks = [f"<import failed: {type(exc).__name__}: {exc}>"]
-        else:
-            info = _info(name, module, dist, version, builtin=False, module_path=ep.value)
+            info = _info(name, _load_entry_point(name, ep), dist, version, builtin=False, module_path=ep.value)
+        except PluginError as exc:
+            info = PluginInfo(name, ep.value, dist, version, builtin=False, error=str(exc))
         infos.append(info)
     return infos
 
 
 def plugin_commands(cli) -> None:
-    """Let every installed plugin add CLI commands; a broken plugin is reported, not fatal."""
+    """Let every built-in and installed plugin add CLI commands; a broken plugin is reported, not fatal."""
     pm = pluggy.PluginManager("ftcore")
     pm.add_hookspecs(hookspecs)
+    for name, module_path in BUILTIN_PLUGINS.items():
+        pm.register(importlib.import_module(module_path), name=name)
     for name, ep in installed_plugins().items():
         try:
-            pm.register(importlib.import_module(ep.value.split(":")[0]), name=name)
-        except Exception as exc:
-            print(f"ftcore: warning: plugin {name!r} failed to import: {exc}", file=sys.stderr)
+            pm.register(_load_entry_point(name, ep), name=name)
+        except (PluginError, pluggy.PluginValidationError) as exc:
+            print(f"ftcore: warning: plugin {name!r} is left out: {exc}", file=sys.stderr)
     pm.hook.register_commands(cli=cli)
 
 

@@ -1,0 +1,96 @@
+"""The one path of ``ftcore run``, top to bottom.
+
+config (validated, plugins enabled) -> output_dir guard -> method from the registry -> model and
+tokenizer (model hooks, adapters) -> the method builds its trainer (data, callbacks) -> resume
+checks -> train -> final save in HF format -> after_train.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ftcore.errors import ConfigError
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a non-empty output_dir needs --resume or --overwrite."""
+    if output_dir.exists() and any(output_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"output_dir {output_dir} is not empty: pass --resume to continue its run, "
+                "or --overwrite to delete it and start again",
+                key="train.output_dir",
+            )
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_row_schemas(config, plugins, method_name: str, accepted: tuple[str, ...]) -> None:
+    """Every dataset's format must produce a row schema the method accepts."""
+    formats = plugins.registry("format")
+    for index, dataset in enumerate(config.datasets):
+        schema = formats.get(dataset.format).schema
+        if schema not in accepted:
+            raise ConfigError(
+                f'format "{dataset.format}" gives {schema} rows, but method "{method_name}" accepts '
+                f"{', '.join(accepted)}",
+                file=config.source,
+                key=f"datasets.{index}.format",
+            )
+
+
+def run_training(config, plugins, *, resume: bool = False, overwrite: bool = False, force: bool = False):
+    """Train per ``config``; returns a ``RunResult``."""
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from ftcore.checkpoint import (
+        StopSignalCallback,
+        check_resumable,
+        latest_checkpoint,
+        remove_incomplete,
+        restore_plugin_state,
+    )
+    from ftcore.methods import Run, RunResult
+    from ftcore.model import load_model_and_tokenizer
+    from ftcore.train import run_callbacks
+
+    hf_logging.set_verbosity_warning()
+    output_dir = Path(config.train.output_dir)
+    method_name = config.train.method
+    method_cls = plugins.registry("method").get(method_name)
+    check_row_schemas(config, plugins, method_name, method_cls.row_schemas)
+    prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        for path in remove_incomplete(output_dir):
+            print(f"ftcore: removed incomplete checkpoint {path}")
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        print(f"ftcore: no complete checkpoint in {output_dir}; starting from the beginning")
+
+    set_seed(config.train.seed)
+    model, tokenizer = load_model_and_tokenizer(config, plugins)
+    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=output_dir)
+    run.callbacks = run_callbacks(run)
+    trainer = method_cls().build_trainer(run)
+    if checkpoint is not None:
+        check_resumable(checkpoint, config, run.data_fingerprint, trainer.args.world_size, force)
+        restore_plugin_state(checkpoint, plugins, config)
+        print(f"ftcore: resuming from {checkpoint}")
+    if trainer.is_world_process_zero():
+        (output_dir / "config.resolved.toml").write_text(config.to_toml())
+
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopSignalCallback))
+    interrupted = stop.received is not None
+    if interrupted:
+        print(f"ftcore: stopped by signal {stop.received}; continue with: ftcore run CONFIG --resume")
+    else:
+        trainer.save_model(str(output_dir))
+    result = RunResult(
+        output_dir=output_dir, global_step=trainer.state.global_step, metrics=dict(output.metrics),
+        interrupted=interrupted, model=trainer.model,
+    )
+    plugins.hook.after_train(config=config, result=result)
+    return result

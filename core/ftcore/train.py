@@ -1,0 +1,129 @@
+"""The built-in ``sft`` method and the trainer pieces every HF-Trainer-based method shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from ftcore.checkpoint import CheckpointCallback, StopSignalCallback, checkpoints_dir
+from ftcore.metrics import MetricsCallback, ReportCallback, RichProgressCallback
+
+
+def mixed_precision(config) -> str:
+    """"bf16", "fp16" or "fp32" for this config on this machine."""
+    import torch
+
+    if config.train.precision != "auto":
+        return config.train.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str, Any]:
+    """TrainingArguments keyword arguments from the ``[train]`` table (methods may extend them)."""
+    import torch
+
+    train = config.train
+    precision = mixed_precision(config)
+    return dict(
+        output_dir=str(checkpoints_dir(output_dir)),
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_steps or train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        eval_strategy="steps" if (has_eval and train.eval_steps) else "no",
+        eval_steps=train.eval_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to=list(train.report_to) or "none",
+        logging_dir=str(Path(output_dir) / "tensorboard"),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
+        dataloader_pin_memory=torch.cuda.is_available(),
+        save_only_model=False,
+    )
+
+
+def run_callbacks(run) -> list:
+    """The core callbacks (metrics, progress, report, checkpoints, signals) plus plugins' ones."""
+    callbacks = [
+        MetricsCallback(run.output_dir),
+        RichProgressCallback(),
+        ReportCallback(run.output_dir),
+        CheckpointCallback(run),
+        StopSignalCallback(),
+    ]
+    for extra in run.plugins.hook.trainer_callbacks(config=run.config):
+        callbacks.extend(extra or [])
+    return callbacks
+
+
+def remove_default_printer(trainer: Trainer) -> None:
+    """Drop HF's own log printer: the rich progress callback shows the same numbers."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+class FtcoreTrainer(Trainer):
+    """HF Trainer whose loss can come from a plugin's ``compute_loss`` hook (fused/chunked losses)."""
+
+    def __init__(self, *args, ftcore_run, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ftcore_run = ftcore_run
+        remove_default_printer(self)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs:
+            run = self.ftcore_run
+            loss = run.plugins.hook.compute_loss(
+                config=run.config, model=model, batch=inputs, num_items_in_batch=num_items_in_batch
+            )
+            if loss is not None:
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+                return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+class SFTMethod:
+    """Supervised fine-tuning on chat, prompt/completion, text or pre-tokenized rows."""
+
+    row_schemas = ("messages", "prompt_completion", "text", "tokens")
+
+    def build_trainer(self, run):
+        from ftcore.data import prepare_sft_data
+        from ftcore.data.collate import SFTCollator
+
+        bundle = prepare_sft_data(run.config, run.plugins, run.tokenizer)
+        run.data_fingerprint = bundle.fingerprint
+        args = TrainingArguments(**training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None))
+        return FtcoreTrainer(
+            model=run.model,
+            args=args,
+            train_dataset=bundle.train,
+            eval_dataset=bundle.eval,
+            data_collator=SFTCollator(run.tokenizer.pad_token_id, packed=run.config.train.packing),
+            processing_class=run.tokenizer,
+            callbacks=run.callbacks,
+            ftcore_run=run,
+        )

@@ -1,0 +1,246 @@
+"""End-to-end SFT runs on the real pretrained stories260K model and real data (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcore.checkpoint import COMPLETE, complete_checkpoints
+from ftcore.config import load_config
+from ftcore.metrics import read_metrics
+from ftcore.pipeline import run_training
+from ftcore.testing import asset, stories_model
+
+INHOUSE = str(Path(__file__).parent / "inhouse_plugins")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_config(tmp_path: Path, body: str, name: str = "run.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def alpaca_config(tmp_path, *, extra_train="max_steps = 8", adapter="", plugins="[]", micro_batch_size=4) -> Path:
+    return write_config(
+        tmp_path,
+        f"""
+plugins = {plugins}
+[model]
+base = "{stories_model()}"
+dtype = "float32"
+{adapter}
+[[datasets]]
+path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
+format = "alpaca"
+excess_length = "truncate"
+
+[train]
+output_dir = "out"
+sequence_len = 256
+micro_batch_size = {micro_batch_size}
+learning_rate = 3e-3
+logging_steps = 1
+seed = 7
+{extra_train}
+""",
+    )
+
+
+def ftcore(*args, env=None, **kwargs):
+    full_env = {**os.environ, "PYTHONPATH": INHOUSE, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ftcore.cli", *args], env=full_env, capture_output=True, text=True, **kwargs)
+
+
+def test_full_finetune_alpaca_loss_falls_and_output_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, plugins = load_config(alpaca_config(tmp_path, extra_train="max_steps = 12"))
+    result = run_training(config, plugins)
+    losses = [row["loss"] for row in read_metrics(result.output_dir) if "loss" in row]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    rows = read_metrics(result.output_dir)
+    assert all({"step", "loss", "learning_rate", "tokens_per_second"} <= set(r) for r in rows if "loss" in r)
+    assert (result.output_dir / "report.html").is_file()
+    assert (result.output_dir / "config.resolved.toml").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    trained = result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, trained(ids).logits)
+    assert list(result.output_dir.glob("*.safetensors"))
+
+
+def test_lora_on_oasst_chat_reloads_with_peft(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    path = write_config(
+        tmp_path,
+        f"""
+[model]
+base = "{stories_model()}"
+dtype = "float32"
+chat_template = '''{CHATML}'''
+[adapter]
+kind = "lora"
+r = 8
+alpha = 16
+[[datasets]]
+path = "{asset("data/oasst1_chat/oasst_en_threads.jsonl")}"
+format = "messages"
+excess_length = "truncate"
+[train]
+output_dir = "out"
+sequence_len = 256
+micro_batch_size = 4
+learning_rate = 1e-2
+max_steps = 10
+logging_steps = 1
+""",
+    )
+    config, plugins = load_config(path)
+    result = run_training(config, plugins)
+    losses = [row["loss"] for row in read_metrics(result.output_dir) if "loss" in row]
+    assert losses[-1] < losses[0]
+    adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(stories_model())
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(result.output_dir)
+    ids = torch.tensor([[1, 300, 301, 302, 400]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model.eval()(ids).logits, atol=1e-6)
+
+
+def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path):
+    first_losses = []
+    for micro, accumulation in ((4, 1), (1, 4), (2, 2)):
+        run_dir = tmp_path / f"mb{micro}"
+        run_dir.mkdir()
+        path = alpaca_config(
+            run_dir, micro_batch_size=micro, extra_train=f"gradient_accumulation_steps = {accumulation}\nmax_steps = 1"
+        )
+        config, plugins = load_config(path)
+        run_training(config, plugins)
+        first_losses.append(next(r["loss"] for r in read_metrics(run_dir / "out") if "loss" in r))
+    assert max(first_losses) - min(first_losses) < 1e-4, first_losses
+
+
+def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path):
+    path = alpaca_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "something").write_text("x")
+    proc = ftcore("run", str(path))
+    assert proc.returncode == 2
+    assert "--resume" in proc.stderr and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _final_weights(output_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for file in sorted(output_dir.glob("*.safetensors")):
+        weights.update(load_file(file))
+    return weights
+
+
+def _losses(output_dir: Path) -> dict:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir) if "loss" in row}
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.05)
+
+
+RESUME_CASES = {
+    "full": ("", ""),
+    "lora_packed": ("[adapter]\nkind = 'lora'\nr = 4\n", "packing = true"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path, case):
+    adapter, packing = RESUME_CASES[case]
+    train = f"max_steps = 6\nsave_steps = 2\n{packing}"
+    plugins = '["run_control"]'
+    reference = alpaca_config(tmp_path, extra_train=train, adapter=adapter, plugins=plugins)
+    proc = ftcore("run", str(reference), "--set", "train.output_dir=reference")
+    assert proc.returncode == 0, proc.stderr
+
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    env = {"FTCORE_TEST_FLAG_DIR": str(flags), "FTCORE_TEST_STALL_AT_SAVE": "2"}
+    running = subprocess.Popen(
+        [sys.executable, "-m", "ftcore.cli", "run", str(reference), "--set", "train.output_dir=killed"],
+        env={**os.environ, "PYTHONPATH": INHOUSE, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(flags / "stalled-in-save", running)  # inside the second checkpoint write (step 4)
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    killed = tmp_path / "killed"
+    assert [p.name for p in complete_checkpoints(killed)] == ["step-000002"]
+    assert (killed / "checkpoints" / "checkpoint-4").is_dir()  # the half-written one, never picked
+
+    proc = ftcore("run", str(reference), "--set", "train.output_dir=killed", "--resume", env={"FTCORE_TEST_FLAG_DIR": str(flags)})
+    assert proc.returncode == 0, proc.stderr
+    assert (flags / "restored-1").exists()
+    assert _losses(killed) == _losses(tmp_path / "reference")
+    reference_weights, resumed_weights = _final_weights(tmp_path / "reference"), _final_weights(killed)
+    assert reference_weights.keys() == resumed_weights.keys()
+    for name, tensor in reference_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), name
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
+    path = alpaca_config(tmp_path, extra_train="max_steps = 40", plugins='["run_control"]')
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    running = subprocess.Popen(
+        [sys.executable, "-m", "ftcore.cli", "run", str(path)],
+        env={**os.environ, "PYTHONPATH": INHOUSE, "FTCORE_TEST_FLAG_DIR": str(flags), "FTCORE_TEST_STEP_SLEEP": "0.3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(flags / "step-3", running)
+    running.send_signal(signal.SIGTERM)
+    out, err = running.communicate(timeout=120)
+    assert running.returncode == 0, err
+    saved = complete_checkpoints(tmp_path / "out")
+    assert saved and 3 <= int(saved[-1].name.split("-")[1]) < 40
+    assert (saved[-1] / COMPLETE).is_file()
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # no final model: training did not finish
+    assert "--resume" in out
+
+    proc = ftcore("run", str(path), "--resume", "--set", "train.max_steps=40")
+    assert proc.returncode == 0, proc.stderr
+    assert max(_losses(tmp_path / "out")) == 40
+
+
+def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
+    path = alpaca_config(tmp_path, extra_train="max_steps = 2\nsave_steps = 2")
+    config, plugins = load_config(path)
+    run_training(config, plugins)
+    proc = ftcore("run", str(path), "--resume", "--set", "train.learning_rate=0.1")
+    assert proc.returncode == 2
+    assert "config changed" in proc.stderr and "--force" in proc.stderr
+    proc = ftcore("run", str(path), "--resume", "--force", "--set", "train.learning_rate=0.1")
+    assert proc.returncode == 0, proc.stderr
