@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ftcore.checkpoint import COMPLETE, complete_checkpoints
 from ftcore.config import load_config
 from ftcore.metrics import read_metrics
@@ -30,7 +29,9 @@ def write_config(tmp_path: Path, body: str, name: str = "run.toml") -> Path:
     return path
 
 
-def alpaca_config(tmp_path, *, extra_train="max_steps = 8", adapter="", plugins="[]", micro_batch_size=4) -> Path:
+def alpaca_config(
+    tmp_path, *, extra_train="max_steps = 8", adapter="", plugins="[]", micro_batch_size=4
+) -> Path:
     return write_config(
         tmp_path,
         f"""
@@ -58,7 +59,9 @@ seed = 7
 
 def ftcore(*args, env=None, **kwargs):
     full_env = {**os.environ, "PYTHONPATH": INHOUSE, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ftcore.cli", *args], env=full_env, capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "ftcore.cli", *args], env=full_env, capture_output=True, text=True, **kwargs
+    )
 
 
 def test_full_finetune_alpaca_loss_falls_and_output_reloads(tmp_path):
@@ -127,7 +130,9 @@ def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path):
         run_dir = tmp_path / f"mb{micro}"
         run_dir.mkdir()
         path = alpaca_config(
-            run_dir, micro_batch_size=micro, extra_train=f"gradient_accumulation_steps = {accumulation}\nmax_steps = 1"
+            run_dir,
+            micro_batch_size=micro,
+            extra_train=f"gradient_accumulation_steps = {accumulation}\nmax_steps = 1",
         )
         config, plugins = load_config(path)
         run_training(config, plugins)
@@ -198,7 +203,14 @@ def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path, cas
     assert [p.name for p in complete_checkpoints(killed)] == ["step-000002"]
     assert (killed / "checkpoints" / "checkpoint-4").is_dir()  # the half-written one, never picked
 
-    proc = ftcore("run", str(reference), "--set", "train.output_dir=killed", "--resume", env={"FTCORE_TEST_FLAG_DIR": str(flags)})
+    proc = ftcore(
+        "run",
+        str(reference),
+        "--set",
+        "train.output_dir=killed",
+        "--resume",
+        env={"FTCORE_TEST_FLAG_DIR": str(flags)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert (flags / "restored-1").exists()
     assert _losses(killed) == _losses(tmp_path / "reference")
@@ -215,7 +227,12 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
     flags.mkdir()
     running = subprocess.Popen(
         [sys.executable, "-m", "ftcore.cli", "run", str(path)],
-        env={**os.environ, "PYTHONPATH": INHOUSE, "FTCORE_TEST_FLAG_DIR": str(flags), "FTCORE_TEST_STEP_SLEEP": "0.3"},
+        env={
+            **os.environ,
+            "PYTHONPATH": INHOUSE,
+            "FTCORE_TEST_FLAG_DIR": str(flags),
+            "FTCORE_TEST_STEP_SLEEP": "0.3",
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

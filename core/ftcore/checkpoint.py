@@ -131,7 +131,9 @@ RESULT_NEUTRAL_KEYS = (
 """Config keys that may change between a run and its resume without changing the result."""
 
 
-def check_resumable(checkpoint: Path, config, data_fingerprint: str | None, world_size: int, force: bool) -> None:
+def check_resumable(
+    checkpoint: Path, config, data_fingerprint: str | None, world_size: int, force: bool
+) -> None:
     """Refuse a checkpoint whose config or data differ (unless ``force``)."""
     info = json.loads((checkpoint / STATE_FILE).read_text())
     problems = []

@@ -52,8 +52,10 @@ def run(config_path, overrides, resume, overwrite, force, nproc):
         from ftcore.distributed import launch
 
         sys.exit(launch(config, config_path, sys.argv, nproc))
+    from ftcore.distributed import quiet_replica
     from ftcore.pipeline import run_training
 
+    quiet_replica()
     run_training(config, plugins, resume=resume, overwrite=overwrite, force=force)
 
 
@@ -66,6 +68,20 @@ def validate(config_path, overrides):
 
     config, _ = load_config(config_path, overrides)
     click.echo(config.to_toml(), nl=False)
+
+
+@cli.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@overrides_option
+@click.option("--show", default=0, type=click.IntRange(min=0), metavar="N", help="Print N samples with the trained tokens marked.")
+def preprocess(config_path, overrides, show):
+    """Tokenize, mask and pack the datasets of CONFIG_PATH into the data cache; print a summary."""
+    from ftcore.config import load_config
+    from ftcore.data.preview import preprocess as prepare
+
+    config, plugins = load_config(config_path, overrides)
+    for line in prepare(config, plugins, show, color=sys.stdout.isatty()):
+        click.echo(line, color=sys.stdout.isatty())
 
 
 @cli.command()
@@ -114,6 +130,80 @@ def env():
 
     for line in describe_environment():
         click.echo(line)
+
+
+@cli.command("merge-lora")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write the merged model (default: OUTPUT_DIR/merged).")
+def merge_lora(output_dir, out):
+    """Merge the LoRA/DoRA adapter in OUTPUT_DIR into its base model, shard by shard."""
+    from transformers.utils import logging as hf_logging
+
+    from ftcore.merge import merge_lora as merge
+
+    hf_logging.disable_progress_bar()
+    click.echo(f"merged model written to {merge(output_dir, out, log=click.echo)}")
+
+
+def sampling_options(command):
+    """--max-new-tokens, --temperature, --top-p, --top-k, --seed, --chat-template, --system."""
+    options = [
+        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--temperature", type=float, default=0.7, show_default=True, help="0 = greedy decoding."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--chat-template", default=None, help="A template name (chatml, llama3), a .jinja file or inline Jinja."),
+        click.option("--system", default=None, help="A system message."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--prompt", required=True, help="The user message (or the text to continue with --raw).")
+@click.option("--raw", is_flag=True, help="Continue the prompt as plain text, without the chat template.")
+@sampling_options
+def generate(path, prompt, raw, chat_template, system, **sampling):
+    """Generate a reply from PATH: a trained output (merged or adapter), a model folder or a hub id."""
+    from transformers import TextStreamer
+
+    from ftcore.generate import Sampling, generate, load_for_inference, messages_for
+
+    model, tokenizer = load_for_inference(path, chat_template)
+    chat = not raw and bool(tokenizer.chat_template)
+    request = messages_for(tokenizer, path, system) + [{"role": "user", "content": prompt}] if chat else prompt
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate(model, tokenizer, request, Sampling(**sampling), streamer=streamer)
+
+
+@cli.command()
+@click.argument("path")
+@sampling_options
+def chat(path, chat_template, system, **sampling):
+    """Chat with PATH in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
+    from transformers import TextStreamer
+
+    from ftcore.generate import Sampling, generate, load_for_inference, messages_for
+
+    model, tokenizer = load_for_inference(path, chat_template)
+    messages = messages_for(tokenizer, path, system)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            messages = messages_for(tokenizer, path, system)
+        elif line:
+            messages.append({"role": "user", "content": line})
+            reply = generate(model, tokenizer, messages, Sampling(**sampling), streamer=streamer)
+            messages.append({"role": "assistant", "content": reply})
 
 
 def main():

@@ -28,9 +28,10 @@ from pydantic import (
 )
 
 from ftcore.errors import ConfigError, PluginError, did_you_mean
-from ftcore.plugins import Plugins, installed_plugins
+from ftcore.plugins import Plugins, installed_plugins, load_installed
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".jinja", ".safetensors", ".gguf"}
 
 
 def _base_dir(info: ValidationInfo) -> Path:
@@ -42,9 +43,10 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 
 def _resolve_ref(value: str, info: ValidationInfo) -> str:
-    """A local path (resolved) or a hub id (kept): paths start with / . ~ or exist locally."""
+    """A local path (resolved) or a hub id (kept): paths start with / . ~, exist locally or name a file."""
     local = _base_dir(info) / Path(value).expanduser()
-    if value.startswith(("/", ".", "~")) or local.exists() or not HUB_ID.match(value):
+    looks_like_file = Path(value).suffix.lower() in FILE_SUFFIXES
+    if value.startswith(("/", ".", "~")) or local.exists() or looks_like_file or not HUB_ID.match(value):
         return str(local.resolve())
     return value
 
@@ -53,6 +55,11 @@ LocalPath = Annotated[str, AfterValidator(_resolve_path)]
 """A filesystem path; relative values resolve from the config file's folder."""
 PathOrHubId = Annotated[str, AfterValidator(_resolve_ref)]
 """A local path (resolved like ``LocalPath``) or a Hugging Face hub id such as ``org/name``."""
+
+
+def _resolve_template(value: str, info: ValidationInfo) -> str:
+    """A ``.jinja`` file path resolves like ``LocalPath``; a template name or inline template is kept."""
+    return _resolve_path(value, info) if value.strip().endswith(".jinja") else value
 
 
 class Section(BaseModel):
@@ -66,11 +73,11 @@ class ModelSection(Section):
 
     base: PathOrHubId = Field(description="Hub id or local folder of the base model (or of its config for init='random').")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype; auto = bf16 on GPUs that support it, else float32.")
-    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field("auto", description="Attention implementation; auto picks the fastest available.")
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"] = Field("auto", description="Attention implementation; varlen = torch's variable-length flash attention over packed documents; auto = the fastest available (varlen for packed rows on a CUDA GPU, else sdpa).")
     init: Literal["pretrained", "random"] = Field("pretrained", description="random builds the architecture from its config (training from scratch).")
-    chat_template: str | None = Field(None, description="A template name, an inline Jinja template, or a path to a .jinja file.")
+    chat_template: Annotated[str, AfterValidator(_resolve_template)] | None = Field(None, description="A template name (chatml, llama3), an inline Jinja template, or a path to a .jinja file.")
     tokenizer: PathOrHubId | None = Field(None, description="A separate tokenizer path or hub id (default: base).")
-    pad_token: str | None = Field(None, description="Pad token to set when the tokenizer has none (default: eos).")
+    pad_token: str | None = Field(None, description="Pad token (added when not in the vocabulary); default: the tokenizer's own, else eos.")
     special_tokens: list[str] = Field(default_factory=list, description="Extra special tokens to add (embeddings resized and trained).")
     trust_remote_code: bool = Field(False, description="Run model code from the hub; off by default.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
@@ -85,7 +92,7 @@ class AdapterSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    targets: str | list[str] = Field("all-linear", description='"all-linear", a regex over module names, or a list of module names.')
+    targets: str | list[str] = Field("all-linear", description='"all-linear", a regex over whole module names, or a list of module names ([] with target_parameters: only those).')
     target_parameters: list[str] = Field(default_factory=list, description="3-D parameters to adapt, e.g. experts.gate_up_proj.")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter.")
     init_from: LocalPath | None = Field(None, description="Start from this existing adapter folder (continued training).")
@@ -94,14 +101,14 @@ class AdapterSection(Section):
 class DatasetSection(Section):
     """``[[datasets]]``: one source of rows."""
 
-    path: PathOrHubId = Field(description="A local file or folder (jsonl/json/parquet/csv/arrow) or a hub dataset id.")
-    format: str = Field("messages", description="Row format name (see `ftcore plugins`).")
-    split: str = Field("train", description="Split to read.")
-    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping: canonical name -> column name in the file.")
-    weight: float | None = Field(None, gt=0, description="Mixing weight relative to the other datasets (default: use every row once).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Format-specific options.")
-    excess_length: Literal["drop", "truncate", "raise"] = Field("drop", description="What to do with rows longer than train.sequence_len.")
-    on_bad_rows: Literal["raise", "skip"] = Field("raise", description="raise: a DataError naming the row; skip: skip and count.")
+    path: PathOrHubId | None = Field(None, description="A local file or folder (jsonl/json/parquet/csv/arrow, or a save_to_disk folder) or a hub dataset id; not used by generator formats (synthetic).")
+    format: str = Field("messages", description="Row format name: messages, sharegpt, alpaca, completion, prompt_completion, pretokenized, synthetic, or one a plugin registers.")
+    split: str = Field("train", description="Split to read (a local file has only train; slices such as train[:1000] work).")
+    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping: the format's field name -> column name in the file, e.g. {instruction = \"question\"}.")
+    weight: float | None = Field(None, gt=0, description="Use weight x the rows of this dataset: 2 repeats every row twice, 0.5 samples half (default: every row once).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Format-specific options (see docs/data.md).")
+    excess_length: Literal["drop", "truncate", "raise", "split"] | None = Field(None, description="Rows longer than train.sequence_len: drop, truncate, raise, or split into windows (text and token rows); default: split for completion, drop otherwise.")
+    on_bad_rows: Literal["raise", "skip"] = Field("raise", description="raise: a DataError naming the file and row; skip: skip and count bad rows and empty files.")
 
 
 class DataSection(Section):
@@ -110,8 +117,9 @@ class DataSection(Section):
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default: one).")
     shuffle: bool = Field(True, description="Shuffle rows with train.seed.")
-    train_on: list[str] = Field(default_factory=lambda: ["assistant"], description="Roles whose tokens are trained.")
-    cache_dir: LocalPath | None = Field(None, description="Where tokenized data is cached (default: ~/.cache/ftcore/data).")
+    train_on: list[Literal["system", "user", "assistant", "tool"]] = Field(default_factory=lambda: ["assistant"], description="Roles whose messages are trained (a message's own train flag wins).")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables for the chat template, e.g. {enable_thinking = false}.")
+    cache_dir: LocalPath | None = Field(None, description="Where tokenized data is cached, one folder per data fingerprint (default: ~/.cache/ftcore/data).")
 
 
 class TrainSection(Section):
@@ -131,7 +139,7 @@ class TrainSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs an eval split).")
     seed: int = Field(42, description="Seed for init, shuffling and dropout.")
-    optimizer: str = Field("adamw_torch", description="An HF Trainer optimizer name (adamw_torch, adamw_torch_fused, adamw_8bit, ...).")
+    optimizer: str = Field("adamw_torch_fused", description="An HF Trainer optimizer name (adamw_torch_fused: one fused kernel for all parameters; adamw_torch, adamw_8bit, ...).")
     scheduler: str = Field("cosine", description="An HF scheduler name (linear, cosine, constant_with_warmup, ...).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
@@ -141,7 +149,19 @@ class TrainSection(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Optional trackers; none by default (no telemetry).")
 
 
-CORE_TABLES = {"model": ModelSection, "adapter": AdapterSection, "datasets": DatasetSection, "data": DataSection, "train": TrainSection}
+class DistributedSection(Section):
+    """``[distributed]``: how ``ftcore run --nproc N`` trains on several GPUs (through torchrun)."""
+
+    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: a full model copy per GPU; fsdp2: parameters, gradients and optimizer state sharded across GPUs.")
+    find_unused_parameters: bool = Field(False, description="DDP: allow parameters without gradients in a step (slower; some MoE models need it).")
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after the forward (less memory, one more all-gather in backward).")
+    nnodes: int = Field(1, gt=0, description="Nodes in the job; 1 = this machine (torchrun --standalone).")
+    node_rank: int = Field(0, ge=0, description="This node's index (multi-node; passed to torchrun --node-rank).")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node; torchrun --master-addr).")
+    master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node; torchrun --master-port).")
+
+
+CORE_TABLES = {"model": ModelSection, "adapter": AdapterSection, "datasets": DatasetSection, "data": DataSection, "train": TrainSection, "distributed": DistributedSection}
 
 
 class ConfigBase(BaseModel):
@@ -154,6 +174,7 @@ class ConfigBase(BaseModel):
     datasets: list[DatasetSection] = Field(default_factory=list)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     _source: str | None = PrivateAttr(None)
 
     @property
@@ -186,11 +207,10 @@ def build_config_model(sections: dict[str, type[BaseModel]]) -> type[ConfigBase]
     fields: dict[str, Any] = {}
     for name, model in sections.items():
         if not (isinstance(model, type) and issubclass(model, Section)):
-            raise PluginError(
-                f"config_section() returned {model!r}; return a subclass of ftcore.config.Section (or None)", plugin=name
-            )
+            expected = "return a subclass of ftcore.config.Section (or None)"
+            raise PluginError(f"config_section() returned {model!r}; {expected}", plugin=name)
         if name in ConfigBase.model_fields:
-            raise PluginError(f"its table [{name}] clashes with the core table of that name; rename the plugin", plugin=name)
+            raise PluginError(f"its table [{name}] clashes with the core table of that name", plugin=name)
         try:
             default = model()
             fields[name] = (model, Field(default=default))
@@ -288,8 +308,9 @@ def _check_registered_names(config: ConfigBase, plugins: Plugins) -> None:
     names = [("method", "train.method", config.train.method)]
     names += [("format", f"datasets.{i}.format", d.format) for i, d in enumerate(config.datasets)]
     for kind, key, name in names:
+        registry = plugins.registry(kind)  # a name two plugins register is an error of its own
         try:
-            plugins.registry(kind).owner(name)
+            registry.owner(name)
         except PluginError as exc:
             raise ConfigError(str(exc), key=key) from None
 
@@ -376,20 +397,12 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def installed_config_model(on_error=None) -> type[ConfigBase]:
+def installed_config_model(on_error) -> type[ConfigBase]:
     """The Config model with the table of every installed plugin (for ``ftcore schema``).
 
     A plugin that fails to load is handed to ``on_error`` (a ``PluginError``) and left out.
     """
-    sections: dict[str, type[BaseModel]] = {}
-    for name in installed_plugins():
-        try:
-            sections.update(Plugins([name]).config_sections())
-        except PluginError as exc:
-            if on_error is None:
-                raise
-            on_error(exc)
-    return build_config_model(sections)
+    return build_config_model(load_installed(on_error).config_sections())
 
 
 def config_reference(model: type[ConfigBase], only: str | None = None) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import platform
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 
 from ftcore import __version__
 from ftcore.plugins import installed_plugins
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "triton", "pydantic", "pluggy")
-MINIMUMS = {"transformers": (5, 0), "peft": (0, 21), "trl": (1, 0), "pydantic": (2, 0)}
+LIBRARIES = (
+    "torch", "transformers", "peft", "trl", "accelerate", "datasets", "triton", "liger-kernel", "cut-cross-entropy",
+    "bitsandbytes", "pydantic", "pluggy",
+)  # fmt: skip
 
 
 def _version(dist: str) -> str | None:
@@ -19,12 +21,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _major_minor(text: str) -> tuple[int, int]:
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in text.split(".")[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
-
-
 def describe_environment() -> list[str]:
+    """One line per component, then warnings for combinations known to break."""
     lines = [f"ftcore {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
     for name, ep in sorted(installed_plugins().items()):
         lines.append(f"plugin {name}: {ep.dist.name if ep.dist else '?'} {ep.dist.version if ep.dist else ''}".rstrip())
@@ -37,10 +35,30 @@ def describe_environment() -> list[str]:
         cuda = torch.version.cuda or "none"
         devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
         lines.append(f"cuda {cuda} ({devices})")
-    for lib, minimum in MINIMUMS.items():
-        if versions[lib] and _major_minor(versions[lib]) < minimum:
-            lines.append(f"warning: {lib} {versions[lib]} is older than ftcore supports ({'.'.join(map(str, minimum))}+)")
     torchvision = _version("torchvision")
     if torchvision and "+cpu" in (versions["torch"] or "") and "+cpu" not in torchvision:
         lines.append("warning: torchvision from PyPI does not import beside a CPU build of torch; uninstall it")
+    dists = ["ftcore", *(ep.dist.name for ep in installed_plugins().values() if ep.dist), *LIBRARIES]
+    lines += requirement_warnings(dict.fromkeys(dists))
     return lines
+
+
+def requirement_warnings(dists) -> list[str]:
+    """Warnings for the requirements of ``dists`` that the installed versions break."""
+    from packaging.requirements import Requirement
+
+    warnings = []
+    for name in dists:
+        try:
+            requires = distribution(name).requires or []
+        except PackageNotFoundError:
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker and not req.marker.evaluate({"extra": ""}):
+                continue
+            installed = _version(req.name)
+            if installed and not req.specifier.contains(installed, prereleases=True):
+                found = f"{req.name} {installed} is installed"
+                warnings.append(f"warning: {name} {version(name)} requires {req}, but {found}")
+    return warnings

@@ -1,7 +1,8 @@
 """The hook contract between the ftcore core and its plugins.
 
-A plugin is a module (or object) with functions decorated by ``ftcore.hookimpl`` whose names
-match the specs below. An implementation may accept any subset of a spec's arguments.
+A plugin is a module (or object) with functions decorated by ``ftcore.hookspecs.hookimpl`` whose
+names match the specs below (a name matching no spec is an error). An implementation may accept
+any subset of a spec's arguments. ``docs/plugins.md`` walks through a complete plugin.
 Plugins are found through the ``ftcore`` entry-point group and enabled by listing their
 name in the config's ``plugins = [...]``; core features are built-in plugins, always on.
 
@@ -25,7 +26,8 @@ hook bodies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -43,12 +45,12 @@ Register = Callable[[str, Any], None]
 
 @hookspec
 def config_section() -> type[BaseModel] | None:
-    """Return the pydantic model of this plugin's config table, or None for no table.
+    """Return the model of this plugin's config table (a ``ftcore.config.Section`` subclass), or None.
 
     The table is named after the plugin (its entry-point name, or the ``name`` attribute an
-    in-house plugin module declares). Called once per enabled plugin while the config is
-    validated; never imports torch. Unknown keys in the table are errors, so the model
-    should keep pydantic's default ``extra="forbid"`` behaviour that ftcore applies.
+    in-house plugin module declares; else its dotted path). Called for each enabled plugin
+    while the config is validated, and for every installed plugin by ``ftcore schema``; never
+    imports torch. ``Section`` makes unknown keys errors; any other class is a ``PluginError``.
     """
 
 
@@ -75,7 +77,10 @@ def register_formats(register: Register) -> None:
 
     A format turns raw rows into one canonical row schema (``messages``,
     ``prompt_completion``, ``text``, ``preference``, ``prompt_only``, ``tokens``); see
-    ``ftcore.data.formats.RowFormat`` for the interface.
+    ``ftcore.data.formats.RowFormat`` for the interface: a subclass sets ``schema``, ``fields``
+    (the columns it reads, which a dataset's ``fields`` table can remap), ``optional_fields`` and
+    ``Options`` (its ``options`` table), and implements ``convert(row) -> canonical row``, raising
+    ``ValueError`` for a bad row (the core names the file and row, or skips and counts it).
     """
 
 

@@ -9,6 +9,10 @@ A method is a class with:
 - ``build_trainer(run)``: return a ``transformers.Trainer`` (or subclass, e.g. a TRL trainer)
   built from the ``Run``. The core then trains it, resumes it, saves checkpoints through its
   callbacks and writes the final model.
+- ``preview(config, plugins, tokenizer, n, *, color)`` (optional): for a method that tokenizes
+  its own rows (DPO), prepare them (filling the cache) and return the lines ``ftcore preprocess``
+  prints: the first ``n`` rows with the trained tokens marked (``ftcore.data.preview.render_row``),
+  then a summary. Without it the command shows the core's rows.
 
 Online-RL methods (GRPO, EBFT, NeMo Gym) fit the same shape: ``prompt_only`` rows, rewards
 from the reward registry, a generation client started in ``build_trainer``, plugin state

@@ -86,7 +86,11 @@ def write_report(output_dir: str | Path) -> Path:
         _svg_chart("loss", [("train loss", train, "#1f77b4"), ("eval loss", evals, "#d62728")]),
         _svg_chart("learning rate", [("learning rate", lrs, "#2ca02c")]),
     ]
-    summary = f"<p>{len(train)} logged steps; last step {train[-1][0]}; last loss {train[-1][1]:.4f}</p>" if train else ""
+    summary = (
+        f"<p>{len(train)} logged steps; last step {train[-1][0]}; last loss {train[-1][1]:.4f}</p>"
+        if train
+        else ""
+    )
     title = html.escape(str(Path(output_dir).resolve()))
     page = (
         "<!doctype html><meta charset='utf-8'><title>ftcore report</title>"
@@ -119,7 +123,9 @@ def _svg_chart(title: str, series, width: int = 720, height: int = 260) -> str:
     for name, data, color in series:
         if data:
             coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in data if math.isfinite(y))
-            lines.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{coords}'><title>{name}</title></polyline>")
+            lines.append(
+                f"<polyline fill='none' stroke='{color}' stroke-width='2' points='{coords}'><title>{name}</title></polyline>"
+            )
     legend = " ".join(f"<span style='color:{c}'>&#9632; {html.escape(n)}</span>" for n, d, c in series if d)
     axes = (
         f"<text x='{pad}' y='{height - 10}' font-size='11'>step {x0}</text>"
@@ -154,7 +160,9 @@ class RichProgressCallback(TrainerCallback):
             TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, **self.fields
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress:

@@ -88,9 +88,15 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
         print(f"ftcore: stopped by signal {stop.received}; continue with: ftcore run CONFIG --resume")
     else:
         trainer.save_model(str(output_dir))
+        (output_dir / "training_args.bin").unlink(
+            missing_ok=True
+        )  # a pickle; config.resolved.toml says it all
     result = RunResult(
-        output_dir=output_dir, global_step=trainer.state.global_step, metrics=dict(output.metrics),
-        interrupted=interrupted, model=trainer.model,
+        output_dir=output_dir,
+        global_step=trainer.state.global_step,
+        metrics=dict(output.metrics),
+        interrupted=interrupted,
+        model=trainer.model,
     )
     plugins.hook.after_train(config=config, result=result)
     return result

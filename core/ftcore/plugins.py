@@ -8,7 +8,9 @@ registered the same way and always on.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import os
 import sys
 import time
@@ -26,6 +28,7 @@ BUILTIN_PLUGINS = {
     "core.formats": "ftcore.builtin.formats",
     "core.model": "ftcore.builtin.model",
     "core.sft": "ftcore.builtin.sft",
+    "core.speed": "ftcore.builtin.speed",
 }
 REGISTRY_HOOKS = {"format": "register_formats", "method": "register_methods", "reward": "register_rewards"}
 
@@ -46,6 +49,12 @@ class PluginInfo:
 
 def installed_plugins() -> dict[str, Any]:
     """Entry points of the ``ftcore`` group by name (nothing is imported)."""
+    return dict(_entry_points(tuple(sys.path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _entry_points(search_path: tuple[str, ...]) -> dict[str, Any]:
+    """Reading every distribution's metadata takes milliseconds: once per ``sys.path``."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
@@ -63,7 +72,8 @@ def _import_plugin(name: str, target: str, distribution: str | None):
         return import_target(target)
     except Exception as exc:
         source = f"distribution {distribution!r}, " if distribution else ""
-        raise PluginError(f"failed to import ({source}{target!r}): {type(exc).__name__}: {exc}", plugin=name) from exc
+        message = f"failed to import ({source}{target!r}): {type(exc).__name__}: {exc}"
+        raise PluginError(message, plugin=name) from exc
 
 
 def _load_entry_point(name: str, ep) -> Any:
@@ -79,7 +89,7 @@ class Plugins:
         self.infos: dict[str, PluginInfo] = {}
         self._registries: dict[str, Registry] = {}
         for name, module_path in BUILTIN_PLUGINS.items():
-            self._register(name, importlib.import_module(module_path), None, None, builtin=True)
+            self._register(name, importlib.import_module(module_path), "ftcore", __version__, builtin=True)
         installed = installed_plugins()
         for name in enabled:
             self.enable(name, installed)
@@ -96,7 +106,7 @@ class Plugins:
             self._register(name, _load_entry_point(name, ep), dist, version, builtin=False)
         elif "." in name:
             module = _import_plugin(name, name, None)
-            plugin_name = getattr(module, "name", None) or name.rsplit(".", 1)[-1]
+            plugin_name = getattr(module, "name", None) or name
             self._register(plugin_name, module, None, None, builtin=False, module_path=name)
         else:
             choices = sorted(installed)
@@ -116,11 +126,17 @@ class Plugins:
         self.infos[name] = _info(name, plugin, dist, version, builtin=builtin, module_path=module_path)
 
     def _check_pending(self) -> None:
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            plugin_name = self.pm.get_name(exc.plugin) if exc.plugin is not None else None
-            raise PluginError(f"a hook implementation matches no hook spec: {exc}", plugin=plugin_name) from exc
+        """Like ``pm.check_pending()``, with the plugin's name and the closest hook name."""
+        callers = {name: caller for name, caller in vars(self.pm.hook).items() if not name.startswith("_")}
+        specs = [name for name, caller in callers.items() if caller.has_spec()]
+        for name, caller in callers.items():
+            for impl in [] if caller.has_spec() else caller.get_hookimpls():
+                if not impl.optionalhook:
+                    raise PluginError(
+                        f"its hook implementation {name!r} matches no hook spec{did_you_mean(name, specs)}; "
+                        "the hooks are listed in ftcore/hookspecs.py",
+                        plugin=impl.plugin_name,
+                    )
 
     @property
     def hook(self):
@@ -205,11 +221,16 @@ class Registry:
     def _check(self, name: str) -> None:
         if name in self.entries:
             return
-        provider = disabled_provider(self.kind, name, set(self._plugins.infos))
-        if provider:
+        providers = disabled_providers(self.kind, name, set(self._plugins.infos))
+        if len(providers) == 1:
             raise PluginError(
-                f'{self.kind} "{name}" is provided by the plugin "{provider}", which is not enabled: '
-                f'add it to plugins, e.g. plugins = ["{provider}"].'
+                f'{self.kind} "{name}" is provided by the plugin "{providers[0]}", which is not enabled: '
+                f'add it to plugins, e.g. plugins = ["{providers[0]}"].'
+            )
+        if providers:
+            raise PluginError(
+                f'{self.kind} "{name}" is provided by the plugins {", ".join(map(json.dumps, providers))}, '
+                "which are not enabled: add one of them to plugins."
             )
         raise PluginError(
             f'unknown {self.kind} "{name}"{did_you_mean(name, self.entries)}. '
@@ -217,66 +238,68 @@ class Registry:
         )
 
 
-def disabled_provider(kind: str, name: str, enabled: set[str]) -> str | None:
-    """The installed-but-disabled plugin that registers ``kind`` ``name``, if any."""
-    for ep_name, ep in installed_plugins().items():
-        if ep_name in enabled:
+def disabled_providers(kind: str, name: str, enabled: set[str]) -> list[str]:
+    """The installed but disabled plugins that register ``kind`` ``name``."""
+    providers = []
+    for plugin_name in sorted(installed_plugins()):
+        if plugin_name in enabled:
             continue
         try:
-            plugin = _load_entry_point(ep_name, ep)
+            entries = Plugins([plugin_name], trace=False).registry(kind).entries
         except PluginError:  # a broken plugin cannot be the provider; its error shows when enabled
             continue
-        register_hook = getattr(plugin, REGISTRY_HOOKS[kind], None)
-        if not _is_hookimpl(register_hook):
-            continue
-        names: list[str] = []
-        register_hook(register=lambda registered, _target: names.append(registered))
-        if name in names:
-            return ep_name
-    return None
+        if name in entries and entries[name][1] == plugin_name:
+            providers.append(plugin_name)
+    return providers
 
 
 def _info(name: str, plugin, dist, version, *, builtin: bool, module_path: str | None = None) -> PluginInfo:
     hooks = sorted(n for n in dir(plugin) if _is_hookimpl(getattr(plugin, n, None)))
-    has_table = "config_section" in hooks and plugin.config_section() is not None
     return PluginInfo(
         name=name,
         module=module_path or getattr(plugin, "__name__", type(plugin).__name__),
-        distribution="ftcore" if builtin else dist,
-        version=__version__ if builtin else version,
+        distribution=dist,
+        version=version,
         builtin=builtin,
         hooks=hooks,
-        config_table=name if has_table and not builtin else None,
     )
 
 
 def describe_installed() -> list[PluginInfo]:
-    """PluginInfo of every built-in and installed plugin (imports the plugin modules)."""
-    infos = [
-        _info(name, importlib.import_module(path), None, None, builtin=True) for name, path in BUILTIN_PLUGINS.items()
-    ]
+    """PluginInfo of every built-in and installed plugin; a plugin that fails to load carries its error."""
+    infos = list(Plugins(trace=False).infos.values())
     for name, ep in sorted(installed_plugins().items()):
-        dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
         try:
-            info = _info(name, _load_entry_point(name, ep), dist, version, builtin=False, module_path=ep.value)
+            plugins = Plugins([name], trace=False)
         except PluginError as exc:
-            info = PluginInfo(name, ep.value, dist, version, builtin=False, error=str(exc))
+            dist, version = (ep.dist.name, ep.dist.version) if ep.dist else (None, None)
+            infos.append(PluginInfo(name, ep.value, dist, version, builtin=False, error=str(exc)))
+            continue
+        info = plugins.infos[name]
+        info.config_table = name if name in plugins.config_sections() else None
         infos.append(info)
     return infos
 
 
+def load_installed(on_error) -> Plugins:
+    """Plugins with every installed plugin enabled; each one that fails to load goes to ``on_error``."""
+    loadable = []
+    for name in sorted(installed_plugins()):
+        try:
+            Plugins([name], trace=False)
+            loadable.append(name)
+        except PluginError as exc:
+            on_error(exc)
+    return Plugins(loadable)
+
+
 def plugin_commands(cli) -> None:
     """Let every built-in and installed plugin add CLI commands; a broken plugin is reported, not fatal."""
-    pm = pluggy.PluginManager("ftcore")
-    pm.add_hookspecs(hookspecs)
-    for name, module_path in BUILTIN_PLUGINS.items():
-        pm.register(importlib.import_module(module_path), name=name)
-    for name, ep in installed_plugins().items():
-        try:
-            pm.register(_load_entry_point(name, ep), name=name)
-        except (PluginError, pluggy.PluginValidationError) as exc:
-            print(f"ftcore: warning: plugin {name!r} is left out: {exc}", file=sys.stderr)
-    pm.hook.register_commands(cli=cli)
+
+    def warn(exc: PluginError) -> None:
+        print(f"ftcore: warning: {exc} (its commands are left out)", file=sys.stderr)
+
+    load_installed(warn).hook.register_commands(cli=cli)
 
 
 def _is_hookimpl(obj) -> bool:

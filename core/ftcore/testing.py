@@ -20,8 +20,10 @@ class MissingAssets(RuntimeError):
 
 def assets_dir() -> Path:
     """The folder holding ``models/`` and ``data/``; a clear error when it is missing."""
-    candidates = [Path(os.environ[ASSETS_ENV])] if os.environ.get(ASSETS_ENV) else []
-    candidates += [CHECKOUT / "shared", CHECKOUT.parent / "shared"]
+    if os.environ.get(ASSETS_ENV):  # when set, it is the only place looked at (a typo must not go unnoticed)
+        candidates = [Path(os.environ[ASSETS_ENV])]
+    else:
+        candidates = [CHECKOUT / "shared", CHECKOUT.parent / "shared"]
     for candidate in candidates:
         if (candidate / "models").is_dir() and (candidate / "data").is_dir():
             return candidate.resolve()
@@ -49,13 +51,26 @@ def tiny_config(architecture: str = "llama", **overrides):
     from transformers import AutoConfig
 
     common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     )
     extra = {
         "llama": {},
         "qwen3": {},
-        "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
+        "qwen3_moe": dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        ),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     }[architecture]
     return AutoConfig.for_model(architecture, **{**common, **extra, **overrides})

@@ -8,11 +8,12 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from ftcore.checkpoint import CheckpointCallback, StopSignalCallback, checkpoints_dir
+from ftcore.distributed import distributed_arguments
 from ftcore.metrics import MetricsCallback, ReportCallback, RichProgressCallback
 
 
 def mixed_precision(config) -> str:
-    """"bf16", "fp16" or "fp32" for this config on this machine."""
+    """ "bf16", "fp16" or "fp32" for this config on this machine."""
     import torch
 
     if config.train.precision != "auto":
@@ -51,14 +52,16 @@ def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str,
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         report_to=list(train.report_to) or "none",
-        logging_dir=str(Path(output_dir) / "tensorboard"),
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        gradient_checkpointing=config.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
+        activation_checkpointing=config.model.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
         dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config={"non_blocking": torch.cuda.is_available()},  # pinned batches copy without a sync
+        logging_nan_inf_filter=False,  # its isnan check syncs host and device every micro-batch
         save_only_model=False,
+        **distributed_arguments(config),
     )
 
 
@@ -90,7 +93,39 @@ class FtcoreTrainer(Trainer):
     def __init__(self, *args, ftcore_run, **kwargs):
         super().__init__(*args, **kwargs)
         self.ftcore_run = ftcore_run
+        self._pending_tokens = None
         remove_default_printer(self)
+
+    def _track_num_input_tokens(self, inputs):
+        """Count tokens on the device; ``state`` gets the count when a log or checkpoint reads it.
+
+        The Trainer's own version calls ``.item()`` (a host-device sync) on every micro-batch.
+        """
+        if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:
+            return
+        input_ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        non_padding = self.args.include_num_input_tokens_seen == "non_padding"
+        if non_padding and mask is not None:
+            count = mask.sum()
+        elif non_padding and pad is not None:
+            count = (input_ids != pad).sum()
+        else:
+            count = input_ids.new_tensor(input_ids.numel())
+        self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+    def _flush_token_count(self):
+        pending, self._pending_tokens = self._pending_tokens, None
+        if pending is not None:
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending.reshape(1)).sum().item())
+
+    def log(self, logs, start_time=None):
+        self._flush_token_count()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self._flush_token_count()
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not return_outputs:
@@ -102,7 +137,9 @@ class FtcoreTrainer(Trainer):
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
                 return loss
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
 
 class SFTMethod:
@@ -113,16 +150,21 @@ class SFTMethod:
     def build_trainer(self, run):
         from ftcore.data import prepare_sft_data
         from ftcore.data.collate import SFTCollator
+        from ftcore.speed import with_document_boundaries
 
         bundle = prepare_sft_data(run.config, run.plugins, run.tokenizer)
         run.data_fingerprint = bundle.fingerprint
-        args = TrainingArguments(**training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None))
+        args = TrainingArguments(
+            **training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None)
+        )
         return FtcoreTrainer(
             model=run.model,
             args=args,
             train_dataset=bundle.train,
             eval_dataset=bundle.eval,
-            data_collator=SFTCollator(run.tokenizer.pad_token_id, packed=run.config.train.packing),
+            data_collator=with_document_boundaries(
+                SFTCollator(run.tokenizer.pad_token_id, packed=run.config.train.packing), run.model
+            ),
             processing_class=run.tokenizer,
             callbacks=run.callbacks,
             ftcore_run=run,

@@ -2,7 +2,18 @@
 
 from ftcore.hookspecs import hookimpl
 
+FORMAT_CLASSES = {
+    "messages": "Messages",
+    "sharegpt": "ShareGPT",
+    "alpaca": "Alpaca",
+    "completion": "Completion",
+    "prompt_completion": "PromptCompletion",
+    "pretokenized": "Pretokenized",
+    "synthetic": "Synthetic",
+}
+
 
 @hookimpl
 def register_formats(register):
-    pass
+    for name, class_name in FORMAT_CLASSES.items():
+        register(name, f"ftcore.data.formats:{class_name}")

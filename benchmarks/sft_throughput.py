@@ -1,0 +1,390 @@
+"""SFT throughput: ftcore against TRL's SFTTrainer on the same GPU, data, shapes and tokens per step.
+
+    python benchmarks/sft_throughput.py                       # every model and configuration
+    python benchmarks/sft_throughput.py --models llama-1b --configs trl-packed-liger-flex,ftcore-best
+    python benchmarks/sft_throughput.py --list                # the models and configurations
+
+Each configuration runs in its own process (``--worker``) with the same warm-up and timed step
+counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); the data is real text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with
+the stories260K tokenizer and fed to both trainers as the same token rows. Reported: tokens/s of
+real tokens (padding not counted) over the timed steps, peak GPU memory (allocated), MFU
+(6 * parameters * tokens/s over 989 TFLOP/s, H100/H200 dense bf16) and ratios against every TRL
+configuration measured in the same run. On an H100/H200 with the wheels of
+scripts/fetch_gpu_wheels.sh: ``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
+TOKENS_PER_STEP = 8192
+
+MODELS = {
+    "llama-1b": dict(  # Llama-3.2-1B
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "qwen3-0.6b": dict(  # Qwen3-0.6B
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    ),
+    "llama-tiny": dict(  # for smoke runs of this script (CPU too)
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+DEFAULT_MODELS = ("llama-1b", "qwen3-0.6b")
+
+# TRL configurations: (packed, liger, attention). Padded = TRL's defaults (max_length 1024, padding).
+TRL = {
+    "trl-padded": (False, False, "sdpa"),
+    "trl-packed": (True, False, "sdpa"),
+    "trl-packed-liger": (True, True, "sdpa"),
+    "trl-packed-flex": (True, False, "flex_attention"),
+    "trl-packed-liger-flex": (True, True, "flex_attention"),
+}
+PEER_BEST = "trl-packed-liger-flex"
+PEER_DEFAULT = "trl-padded"
+
+# ftcore configurations: config overrides on top of a packed SFT config with no tuning keys.
+FTCORE = {
+    "ftcore-default": {},
+    "ftcore-liger": {"plugins": ["liger"]},
+    "ftcore-cce-compile": {"plugins": ["cce"], "model": {"compile": True}},
+    "ftcore-liger-compile": {
+        "plugins": ["liger"],
+        "liger": {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True},
+        "model": {"compile": True},
+    },
+}
+DEFAULT_CONFIGS = (*TRL, "ftcore-default", "ftcore-liger", "ftcore-cce-compile")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared inputs: model folders (config + tokenizer) and the token rows.
+
+
+def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
+    """Write one folder per model shape and ``rows.jsonl`` of real token rows; return their description."""
+    from ftcore.testing import asset, stories_model
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+    for name in models:
+        folder = work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = dict(MODELS[name])
+        config = AutoConfig.for_model(shape.pop("model_type"), **shape, bos_token_id=1, eos_token_id=2)
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    texts = []
+    for line in asset("data/gsm8k/train_first2000.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        texts.append(f"{row['question']}\n{row['answer']}")
+    for line in asset("data/hh_rlhf_harmless/harmless_base_test_first2000.jsonl").read_text().splitlines():
+        texts.append(json.loads(line)["chosen"])
+    for line in asset("data/oasst1_chat/oasst_en_threads.jsonl").read_text().splitlines():
+        texts.append("\n".join(m["content"] for m in json.loads(line)["messages"]))
+    random.Random(0).shuffle(texts)
+    ids = tokenizer(texts[:rows], add_special_tokens=False)["input_ids"]
+    token_rows = [
+        [tokenizer.bos_token_id, *row[: TOKENS_PER_STEP - 2], tokenizer.eos_token_id] for row in ids
+    ]
+    with (work / "rows.jsonl").open("w") as handle:
+        for row in token_rows:
+            handle.write(json.dumps({"input_ids": row}) + "\n")
+    lengths = sorted(len(row) for row in token_rows)
+    return {
+        "rows": len(lengths),
+        "median_row": lengths[len(lengths) // 2],
+        "mean_row": sum(lengths) / len(lengths),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker: one configuration, one process.
+
+
+def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | None = None):
+    """A TrainerCallback timing steps warmup+1 .. warmup+steps and counting the real tokens they see.
+
+    With ``profile_path``, the two steps after the timed ones run under torch.profiler and its
+    kernel table (by GPU time) is written there.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+    synchronize = torch.cuda.synchronize if cuda else lambda: None
+
+    class Timing(TrainerCallback):
+        def __init__(self):
+            self.counts = []
+            self.profiler = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            result["parameters"] = sum(p.numel() for p in model.parameters())
+            result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model.register_forward_pre_hook(self.count, with_kwargs=True)
+            self.start = time.perf_counter()
+
+        def count(self, module, args, kwargs):
+            if module.training:
+                mask, ids = kwargs.get("attention_mask"), kwargs["input_ids"]
+                self.counts.append(
+                    mask.sum() if mask is not None and mask.dim() == 2 else ids.new_tensor(ids.numel())
+                )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step in (1, warmup, warmup + steps):
+                synchronize()
+            if step == 1:
+                result["first_step_s"] = time.perf_counter() - self.start
+            if step == warmup:
+                self.t0 = time.perf_counter()
+            if step == warmup + steps:
+                self.finish(time.perf_counter() - self.t0)
+                if profile_path:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.profiler.start()
+            if self.profiler is not None and step == warmup + steps + 2:
+                synchronize()
+                self.profiler.stop()
+                table = self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+                Path(profile_path).write_text(table)
+                self.profiler = None
+
+        def finish(self, elapsed):
+            if len(self.counts) < warmup + steps:
+                raise RuntimeError(
+                    f"{len(self.counts)} forwards in {warmup + steps} steps; expected one a step"
+                )
+            tokens = int(torch.stack(self.counts[warmup : warmup + steps]).sum())
+            result.update(
+                tokens=tokens, seconds=elapsed, tokens_per_second=tokens / elapsed,
+                peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+            )  # fmt: skip
+
+    return Timing()
+
+
+def total_steps(args) -> int:
+    return args.warmup + args.steps + (2 if args.profile_to else 0)
+
+
+def run_trl(name: str, model_dir: Path, work: Path, args, callback, info: dict) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    packed, liger, attention = TRL[name]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
+    max_length = TOKENS_PER_STEP if packed else 1024  # 1024: TRL's default max_length
+    mean = sum(min(len(r["input_ids"]), max_length) for r in rows) / len(rows)
+    batch_size = 1 if packed else max(1, round(TOKENS_PER_STEP / mean))
+    info.update(micro_batch=batch_size, max_length=max_length)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16, attn_implementation=attention
+    )
+    config = SFTConfig(
+        output_dir=str(work / f"out-{name}"), max_steps=total_steps(args), per_device_train_batch_size=batch_size,
+        learning_rate=2e-5, bf16=torch.cuda.is_available(), logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none",
+        packing=packed, max_length=max_length, use_liger_kernel=liger, seed=42, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+
+
+def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, info: dict) -> None:
+    from ftcore.config import validate_config
+    from ftcore.hookspecs import hookimpl
+    from ftcore.pipeline import run_training
+
+    overrides = FTCORE[name]
+    raw = {
+        "plugins": list(overrides.get("plugins", [])),
+        "model": {"base": str(model_dir), "init": "random", **overrides.get("model", {})},
+        "datasets": [{"path": str(work / "rows.jsonl"), "format": "pretokenized"}],
+        "data": {"cache_dir": str(work / "cache")},
+        "train": {
+            "output_dir": str(work / f"out-{name}"), "packing": True, "sequence_len": TOKENS_PER_STEP,
+            "max_steps": total_steps(args), "logging_steps": args.warmup + args.steps, "learning_rate": 2e-5,
+        },
+    }  # fmt: skip
+    for table, values in overrides.items():
+        if table not in ("plugins", "model"):
+            raw[table] = values
+    config, plugins = validate_config(raw, base_dir=work)
+    info.update(micro_batch=1, max_length=TOKENS_PER_STEP, ftcore_config=raw)
+
+    class Probe:
+        @hookimpl
+        def trainer_callbacks(self, config):
+            return [callback]
+
+    plugins.pm.register(Probe(), name="benchmark-probe")
+    run_training(config, plugins, overwrite=True)
+
+
+def worker(args) -> None:
+    import torch
+
+    work = Path(args.work)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"model": args.model, "config": args.worker, "device": device}
+    callback = timing_callback(args.warmup, args.steps, result, args.profile_to)
+    run = run_trl if args.worker in TRL else run_ftcore
+    run(args.worker, work / args.model, work, args, callback, result)
+    if "tokens_per_second" not in result:
+        raise RuntimeError("the timed steps did not complete")
+    result["mfu"] = 6 * result["parameters"] * result["tokens_per_second"] / PEAK_FLOPS
+    with open(args.result, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: inputs once, one worker process per configuration, then the table.
+
+
+def report(results: list[dict], info: dict) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        trl = {r["config"]: r for r in rows if r["config"] in TRL and "tokens_per_second" in r}
+        header = f"| configuration | tokens/s | peak GiB | MFU | first step s | {' | '.join('x ' + n for n in trl)} |"
+        lines += [
+            f"\n## {model} on {rows[0].get('device', '?')}: {TOKENS_PER_STEP} tokens a step, "
+            f"median row {info['median_row']} tokens, {info['warmup']} warm-up + {info['steps']} timed steps\n",
+            header, "|" + "---|" * (header.count("|") - 1),
+        ]  # fmt: skip
+        for r in rows:
+            if "tokens_per_second" not in r:
+                lines.append(f"| {r['config']} | failed: {r.get('error', '?')} |")
+                continue
+            ratios = " | ".join(
+                f"{r['tokens_per_second'] / t['tokens_per_second']:.2f}" for t in trl.values()
+            )
+            lines.append(
+                f"| {r['config']} | {r['tokens_per_second']:,.0f} | {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} "
+                f"| {r['first_step_s']:.1f} | {ratios} |"
+            )
+        if PEER_BEST in trl:
+            best = trl[PEER_BEST]
+            for r in rows:
+                if r["config"].startswith("ftcore") and "tokens_per_second" in r:
+                    lines.append(
+                        f"- {r['config']} vs {PEER_BEST}: {r['tokens_per_second'] / best['tokens_per_second']:.2f}x "
+                        f"tokens/s, {r['peak_allocated_gib'] / best['peak_allocated_gib']:.2f}x peak memory"
+                    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated configurations (--list)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--rows", type=int, default=1500, help="token rows to use (real text)")
+    parser.add_argument(
+        "--work", default=None, help="folder for inputs and outputs (default: a temporary one)"
+    )
+    parser.add_argument("--out", default=None, help="append each result as a JSON line to this file")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="CONFIG",
+        help="also profile 2 steps after the timed ones of this configuration (table written beside --out)",
+    )
+    parser.add_argument("--list", action="store_true", help="list models and configurations, then exit")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-to", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.list:
+        print("models:", ", ".join(MODELS), "\nconfigurations:", ", ".join([*TRL, *FTCORE]))
+        return 0
+    if args.worker:
+        worker(args)
+        return 0
+    models, configs = args.models.split(","), args.configs.split(",")
+    unknown = [c for c in configs if c not in TRL and c not in FTCORE] + [
+        m for m in models if m not in MODELS
+    ]
+    if unknown:
+        parser.error(f"unknown {', '.join(unknown)}; see --list")
+    work = Path(args.work or tempfile.mkdtemp(prefix="ftcore-bench-"))
+    info = prepare_inputs(work, models, args.rows) | {"warmup": args.warmup, "steps": args.steps}
+    print(f"inputs in {work}: {info}", flush=True)
+    result_file = Path(args.out or work / "results.jsonl")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout: stop the worker, report what ran
+    results = []
+    try:
+        for model in models:
+            for name in configs:
+                results.append(run_worker(model, name, work, result_file, args))
+    finally:
+        print(report(results, info))
+    return 0
+
+
+def run_worker(model: str, name: str, work: Path, result_file: Path, args) -> dict:
+    """Run one configuration in its own process; its result, or its error."""
+    started = time.perf_counter()
+    command = [sys.executable, __file__, "--worker", name, "--model", model, "--work", str(work),
+               "--result", str(result_file), "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
+    if name == args.profile:
+        command += ["--profile-to", str(result_file.with_name(f"profile-{model}-{name}.txt"))]
+    log = work / f"{model}-{name}.log"
+    with log.open("w") as handle:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    done = [json.loads(line) for line in result_file.read_text().splitlines()] if result_file.exists() else []
+    found = next((r for r in reversed(done) if r["model"] == model and r["config"] == name), None)
+    if code or found is None:
+        tail = " / ".join(log.read_text().strip().splitlines()[-3:])
+        found = {"model": model, "config": name, "error": f"exit {code}: {tail}"[:300]}
+    summary = f"{found['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in found else found["error"]
+    print(f"{model} {name}: {summary} ({time.perf_counter() - started:.0f} s)", flush=True)
+    shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

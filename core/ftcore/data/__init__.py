@@ -1,0 +1,11 @@
+"""The data path (DESIGN.md "Data contract"): sources -> row formats -> tokenize and mask -> pack -> cache.
+
+``prepare_sft_data(config, plugins, tokenizer)`` returns a ``DataBundle`` of tokenized, masked
+(and, with ``train.packing``, packed) train/eval datasets with its fingerprint and statistics;
+``load_rows(config, plugins, schemas)`` returns canonical rows for methods that tokenize
+themselves. ``ftcore.data.collate.SFTCollator`` batches the tokenized rows.
+"""
+
+from ftcore.data.prepare import DataBundle, load_rows, prepare_sft_data
+
+__all__ = ["DataBundle", "load_rows", "prepare_sft_data"]

@@ -1,0 +1,173 @@
+"""The `scattermoe` plugin's hooks and its CPU path (the pure-torch reference) on tiny real MoEs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from ftcore.config import validate_config
+from ftcore.errors import ConfigError, PluginError
+from ftcore.testing import stories_model, tiny_model
+from ftcore_scattermoe import experts
+from ftcore_scattermoe.testing import EXPERT_PARAMETERS as EXPERTS
+from ftcore_scattermoe.testing import compare_with_eager, tiny_moe
+
+
+def load(tmp_path, **scattermoe):
+    raw = {
+        "plugins": ["scattermoe"],
+        "model": {"base": str(stories_model())},
+        "train": {"output_dir": str(tmp_path / "out")},
+    }
+    if scattermoe:
+        raw["scattermoe"] = scattermoe
+    return validate_config(raw, base_dir=tmp_path)
+
+
+def test_plugin_module_imports_no_torch():
+    code = "import sys, ftcore_scattermoe.plugin; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_config_table_defaults_and_unknown_key(tmp_path):
+    config, _ = load(tmp_path)
+    assert config.scattermoe.expert_lora and config.scattermoe.autotune
+    config, _ = load(tmp_path, expert_lora=False)
+    assert not config.scattermoe.expert_lora
+    with pytest.raises(ConfigError, match='scattermoe.autotun.*did you mean "autotune"'):
+        load(tmp_path, autotun=False)
+
+
+def test_model_load_kwargs_selects_scattermoe(tmp_path):
+    config, plugins = load(tmp_path)
+    kwargs = {"dtype": torch.float32}
+    plugins.hook.model_load_kwargs(config=config, kwargs=kwargs)
+    assert kwargs["experts_implementation"] == "scattermoe"
+    from ftcore.testing import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), **kwargs)
+    assert model.config._experts_implementation == "scattermoe"
+    with pytest.raises(PluginError, match="already set to 'grouped_mm'"):
+        plugins.hook.model_load_kwargs(config=config, kwargs={"experts_implementation": "grouped_mm"})
+
+
+def test_dense_model_is_refused_naming_what_is_supported(tmp_path):
+    config, plugins = load(tmp_path)
+    with pytest.raises(PluginError, match=r"\(llama\) has no experts.*Supported: .*qwen3_moe.*mixtral"):
+        plugins.hook.patch_model(config=config, model=tiny_model("llama"))
+
+
+def test_quantized_or_expert_parallel_experts_are_refused():
+    model = tiny_model("mixtral")
+    model.model.layers[1].mlp.experts._is_expert_parallel = True
+    with pytest.raises(PluginError, match=r"layers\.1\.mlp\.experts .*expert parallelism"):
+        experts.check_model(model)
+
+
+def test_hooks_route_expert_lora_through_the_kernels(tmp_path):
+    config, plugins = load(tmp_path)
+    model = tiny_moe("qwen3_moe", with_lora=True)
+    plugins.hook.patch_model(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model)
+    assert model.config._experts_implementation == "scattermoe"
+    wrapped = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(wrapped) == 2 and all(m.parameter_name == "down_proj" for m in wrapped)
+
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(0))
+    fused = model(input_ids=ids).logits
+    model.set_experts_implementation("eager")
+    assert torch.allclose(fused, model(input_ids=ids).logits, atol=1e-5)  # peft's generic path
+    model.set_experts_implementation("scattermoe")
+    with model.disable_adapter():
+        without_lora = model(input_ids=ids).logits
+    assert not torch.allclose(fused, without_lora, atol=1e-3)
+    model.set_experts_implementation("eager")
+    with model.disable_adapter():
+        assert torch.allclose(without_lora, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_expert_lora_off_keeps_peft_path(tmp_path):
+    config, plugins = load(tmp_path, expert_lora=False)
+    model = tiny_moe("mixtral", with_lora=True)
+    plugins.hook.patch_model(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model)
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
+def test_cpu_fallback_matches_eager(architecture, with_lora):
+    compare_with_eager(architecture, with_lora, "cpu", torch.float32, tolerance=1e-5)
+
+
+def saved_tiny_moe(tmp_path):
+    """A tiny random Qwen3-MoE checkpoint folder with the stories tokenizer (512 tokens)."""
+    base = tmp_path / "tiny-qwen3-moe"
+    tiny_model("qwen3_moe").save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories_model() / name, base / name)
+    return base
+
+
+def test_core_loader_selects_kernels_and_fuses_expert_lora(tmp_path):
+    from ftcore.model import load_model_and_tokenizer
+
+    raw = {
+        "plugins": ["scattermoe"],
+        "model": {"base": str(saved_tiny_moe(tmp_path)), "dtype": "float32"},
+        "adapter": {"r": 4, "alpha": 8, "target_parameters": list(EXPERTS)},
+        "train": {"output_dir": str(tmp_path / "out")},
+    }
+    config, plugins = validate_config(raw, base_dir=tmp_path)
+    model, _ = load_model_and_tokenizer(config, plugins)
+    assert model.config._experts_implementation == "scattermoe"
+    assert len([m for m in model.modules() if "forward" in m.__dict__]) == 2
+
+
+@pytest.mark.slow
+def test_ftcore_run_trains_tiny_moe_with_expert_lora(tmp_path):
+    """`ftcore run` with the plugin: LoRA on the experts trains through the kernels and saves with peft."""
+    import json
+
+    from ftcore.metrics import read_metrics
+    from ftcore.testing import asset
+    from safetensors.torch import load_file
+
+    config = tmp_path / "moe.toml"
+    config.write_text(f"""
+plugins = ["scattermoe"]
+[model]
+base = "{saved_tiny_moe(tmp_path)}"
+chat_template = "chatml"
+[adapter]
+r = 4
+alpha = 8
+targets = ["q_proj"]
+target_parameters = {json.dumps(EXPERTS)}
+[[datasets]]
+path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
+format = "alpaca"
+excess_length = "truncate"
+[train]
+output_dir = "out"
+sequence_len = 128
+micro_batch_size = 2
+max_steps = 4
+learning_rate = 1e-2
+logging_steps = 1
+""")
+    result = subprocess.run(
+        [sys.executable, "-m", "ftcore.cli", "run", str(config)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "scattermoe: 2 experts modules run on the ScatterMoE kernels" in result.stdout
+    assert "scattermoe: LoRA on 2 experts modules runs in the fused kernels" in result.stdout
+    losses = [row["loss"] for row in read_metrics(tmp_path / "out") if "loss" in row]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    expert_b = [t for name, t in adapter.items() if "experts" in name and "lora_B" in name]
+    assert len(expert_b) == 4 and all(t.abs().sum() > 0 for t in expert_b)  # B starts at zero: dB trained it

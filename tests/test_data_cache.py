@@ -1,0 +1,123 @@
+"""The data fingerprint and cache (hits and misses), and ``ftcore preprocess``."""
+
+import json
+import shutil
+
+from click.testing import CliRunner
+from ftcore.cli import cli
+from ftcore.data import prepare_sft_data
+from ftcore.data.testing import data_config, stories_tokenizer
+from ftcore.testing import asset, stories_model
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def alpaca_copy(tmp_path, rows=40):
+    path = tmp_path / "alpaca.jsonl"
+    with open(asset("data/alpaca/alpaca_2000.jsonl"), encoding="utf-8") as lines:
+        path.write_text("".join(next(lines) for _ in range(rows)))
+    return path
+
+
+def bundle(tmp_path, path, tokenizer, *, data=None, **train):
+    config, plugins = data_config(tmp_path, [{"path": str(path), "format": "alpaca"}], data=data, **train)
+    return prepare_sft_data(config, plugins, tokenizer)
+
+
+def test_cache_hits_and_misses(tmp_path):
+    path, tokenizer = alpaca_copy(tmp_path), stories_tokenizer(CHATML)
+    first = bundle(tmp_path, path, tokenizer)
+    assert (
+        first.stats["cache"] == "miss" and (tmp_path / "cache" / first.fingerprint / "stats.json").is_file()
+    )
+    again = bundle(tmp_path, path, tokenizer)
+    assert again.stats["cache"] == "hit" and again.fingerprint == first.fingerprint
+    assert (
+        again.train["input_ids"] == first.train["input_ids"]
+        and again.train["labels"] == first.train["labels"]
+    )
+    # where the output goes, how many processes tokenize, and where the file lies do not change the tokens
+    moved = tmp_path / "elsewhere.jsonl"
+    shutil.copy(path, moved)
+    config, plugins = data_config(
+        tmp_path,
+        [{"path": str(moved), "format": "alpaca"}],
+        data={"num_proc": 2},
+        output_dir=str(tmp_path / "other"),
+    )
+    assert prepare_sft_data(config, plugins, tokenizer).stats["cache"] == "hit"
+    # what changes the tokens is a miss
+    changed = {
+        "sequence_len": bundle(tmp_path, path, tokenizer, sequence_len=512),
+        "packing": bundle(tmp_path, path, tokenizer, packing=True),
+        "train_on": bundle(tmp_path, path, tokenizer, data={"train_on": ["user", "assistant"]}),
+        "template": bundle(
+            tmp_path, path, stories_tokenizer(CHATML.replace("\n{{ m.content }}", "\n\n{{ m.content }}"))
+        ),
+        "special tokens": bundle(tmp_path, path, stories_tokenizer(CHATML, ("<|im_start|>", "<|im_end|>"))),
+    }
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi!"}) + "\n")
+    changed["content"] = bundle(tmp_path, path, tokenizer)
+    fingerprints = {first.fingerprint} | {b.fingerprint for b in changed.values()}
+    assert len(fingerprints) == 1 + len(changed)
+    assert all(b.stats["cache"] == "miss" for b in changed.values())
+    assert changed["content"].stats["sequences"] == first.stats["sequences"] + 1
+
+
+def test_an_incomplete_cache_folder_is_rebuilt(tmp_path):
+    path, tokenizer = alpaca_copy(tmp_path, 10), stories_tokenizer(CHATML)
+    first = bundle(tmp_path, path, tokenizer)
+    (tmp_path / "cache" / first.fingerprint / "stats.json").unlink()
+    again = bundle(tmp_path, path, tokenizer)
+    assert again.stats["cache"] == "miss" and again.train["input_ids"] == first.train["input_ids"]
+
+
+def write_config(tmp_path, path, **dataset):
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[model]
+base = "{stories_model()}"
+chat_template = "chatml"
+
+[[datasets]]
+path = "{path}"
+format = "alpaca"
+{"".join(f'{k} = "{v}"' + chr(10) for k, v in dataset.items())}
+[data]
+cache_dir = "cache"
+
+[train]
+output_dir = "out"
+sequence_len = 1024
+packing = true
+""")
+    return config
+
+
+def test_preprocess_command_shows_samples_and_a_summary(tmp_path):
+    config = write_config(tmp_path, alpaca_copy(tmp_path))
+    result = CliRunner().invoke(cli, ["preprocess", str(config), "--show", "2"])
+    assert result.exit_code == 0, result.output
+    assert (
+        result.output.count("=== sample") == 2
+        and "--- sequence 2 (position_ids restart) ---" in result.output
+    )
+    assert "<|im_start|>assistant\n[[" in result.output and "<|im_end|>]]" in result.output
+    assert "cache miss" in result.output and "rows " in result.output and "packing " in result.output
+    assert "sequences packed" in result.output and "40 sequences" in result.output.replace(",", "")
+    result = CliRunner().invoke(cli, ["preprocess", str(config)])
+    assert result.exit_code == 0 and "cache hit" in result.output and "=== sample" not in result.output
+
+
+def test_preprocess_reports_bad_rows_as_user_errors(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "Hi", "input": "", "output": "Hello"}\n{"instruction": "Hi"}\n')
+    result = CliRunner().invoke(cli, ["preprocess", str(write_config(tmp_path, path))])
+    assert result.exit_code == 2
+    assert "bad.jsonl, row 2: missing value for 'output'" in result.output
+    result = CliRunner().invoke(cli, ["preprocess", str(write_config(tmp_path, path, on_bad_rows="skip"))])
+    assert result.exit_code == 0 and "skipped          1 bad rows" in result.output
