@@ -39,6 +39,7 @@ plugins = {plugins}
 [model]
 base = "{stories_model()}"
 dtype = "float32"
+chat_template = "chatml"
 {adapter}
 [[datasets]]
 path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
@@ -182,7 +183,7 @@ RESUME_CASES = {
 def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path, case):
     adapter, packing = RESUME_CASES[case]
     train = f"max_steps = 6\nsave_steps = 2\n{packing}"
-    plugins = '["run_control"]'
+    plugins = '["inhouse.run_control"]'
     reference = alpaca_config(tmp_path, extra_train=train, adapter=adapter, plugins=plugins)
     proc = ftcore("run", str(reference), "--set", "train.output_dir=reference")
     assert proc.returncode == 0, proc.stderr
@@ -222,7 +223,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run_bit_for_bit(tmp_path, cas
 
 @pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
-    path = alpaca_config(tmp_path, extra_train="max_steps = 40", plugins='["run_control"]')
+    path = alpaca_config(tmp_path, extra_train="max_steps = 40", plugins='["inhouse.run_control"]')
     flags = tmp_path / "flags"
     flags.mkdir()
     running = subprocess.Popen(

@@ -1,0 +1,1 @@
+"""In-house plugins used by the tests (enabled by dotted module path)."""
