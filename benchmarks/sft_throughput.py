@@ -1,13 +1,16 @@
 """SFT throughput: ftcore against TRL's SFTTrainer on the same GPU, data, shapes and tokens per step.
 
-    python benchmarks/sft_throughput.py                       # every model and configuration
-    python benchmarks/sft_throughput.py --models llama-1b --configs trl-packed-liger-flex,ftcore-best
-    python benchmarks/sft_throughput.py --list                # the models and configurations
+    python benchmarks/sft_throughput.py                       # the default models and configurations
+    python benchmarks/sft_throughput.py --models llama-1b --configs trl-packed-liger-flex,ftcore-liger-compile
+    python benchmarks/sft_throughput.py --list                # every model and configuration
 
 Each configuration runs in its own process (``--worker``) with the same warm-up and timed step
-counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); the data is real text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with
-the stories260K tokenizer and fed to both trainers as the same token rows. Reported: tokens/s of
-real tokens (padding not counted) over the timed steps, peak GPU memory (allocated), MFU
+counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); the data is real
+text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with the stories260K tokenizer
+and fed to both trainers as the same token rows. TRL runs as it trains a model it is handed:
+float32 weights under bf16 autocast and its default gradient checkpointing, with packed rows
+padded to one shape (so flex attention compiles once). Reported: tokens/s of real tokens (padding
+not counted) of the median timed step and over all timed steps, peak GPU memory (allocated), MFU
 (6 * parameters * tokens/s over 989 TFLOP/s, H100/H200 dense bf16) and ratios against every TRL
 configuration measured in the same run. On an H100/H200 with the wheels of
 scripts/fetch_gpu_wheels.sh: ``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
 TOKENS_PER_STEP = 8192
+PAD_ID = 0  # <unk> of the stories tokenizer: the pad token of both trainers, never in the token rows
 
 MODELS = {
     "llama-1b": dict(  # Llama-3.2-1B
@@ -72,8 +76,13 @@ FTCORE = {
         "liger": {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True},
         "model": {"compile": True},
     },
+    "ftcore-liger-compile-ckpt": {
+        "plugins": ["liger"],
+        "liger": {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True},
+        "model": {"compile": True, "gradient_checkpointing": True},
+    },
 }
-DEFAULT_CONFIGS = (*TRL, "ftcore-default", "ftcore-liger", "ftcore-cce-compile")
+DEFAULT_CONFIGS = (*TRL, "ftcore-default", "ftcore-liger-compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +133,10 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
 def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | None = None):
     """A TrainerCallback timing steps warmup+1 .. warmup+steps and counting the real tokens they see.
 
-    With ``profile_path``, the two steps after the timed ones run under torch.profiler and its
-    kernel table (by GPU time) is written there.
+    Step times come from CUDA events recorded at each step end (no host sync inside the window);
+    the median step sets tokens/s, so a one-off stall (a Triton kernel compiled for a new shape)
+    moves neither trainer's number. With ``profile_path``, the two steps after the timed ones run
+    under torch.profiler and its kernel table (by GPU time) is written there.
     """
     import torch
     from transformers import TrainerCallback
@@ -135,8 +146,7 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
 
     class Timing(TrainerCallback):
         def __init__(self):
-            self.counts = []
-            self.profiler = None
+            self.counts, self.events, self.profiler = [], [], None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             result["parameters"] = sum(p.numel() for p in model.parameters())
@@ -148,19 +158,22 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
             if module.training:
                 mask, ids = kwargs.get("attention_mask"), kwargs["input_ids"]
                 self.counts.append(
-                    mask.sum() if mask is not None and mask.dim() == 2 else ids.new_tensor(ids.numel())
+                    mask.sum() if mask is not None and mask.dim() == 2 else (ids != PAD_ID).sum()
                 )
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
-            if step in (1, warmup, warmup + steps):
-                synchronize()
             if step == 1:
+                synchronize()
                 result["first_step_s"] = time.perf_counter() - self.start
-            if step == warmup:
-                self.t0 = time.perf_counter()
+            if warmup <= step <= warmup + steps:
+                if cuda:
+                    self.events.append(torch.cuda.Event(enable_timing=True))
+                    self.events[-1].record()
+                else:
+                    self.events.append(time.perf_counter())
             if step == warmup + steps:
-                self.finish(time.perf_counter() - self.t0)
+                self.finish()
                 if profile_path:
                     from torch.profiler import ProfilerActivity, profile
 
@@ -173,14 +186,21 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
                 Path(profile_path).write_text(table)
                 self.profiler = None
 
-        def finish(self, elapsed):
+        def finish(self):
+            synchronize()
             if len(self.counts) < warmup + steps:
                 raise RuntimeError(
                     f"{len(self.counts)} forwards in {warmup + steps} steps; expected one a step"
                 )
-            tokens = int(torch.stack(self.counts[warmup : warmup + steps]).sum())
+            if cuda:
+                times = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:], strict=False)]
+            else:
+                times = [b - a for a, b in zip(self.events, self.events[1:], strict=False)]
+            tokens = [int(c) for c in self.counts[warmup : warmup + steps]]
+            rates = sorted(t / s for t, s in zip(tokens, times, strict=True))
             result.update(
-                tokens=tokens, seconds=elapsed, tokens_per_second=tokens / elapsed,
+                tokens=sum(tokens), seconds=sum(times), step_seconds=[round(t, 4) for t in times],
+                tokens_per_second=rates[len(rates) // 2], mean_tokens_per_second=sum(tokens) / sum(times),
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
             )  # fmt: skip
@@ -200,20 +220,21 @@ def run_trl(name: str, model_dir: Path, work: Path, args, callback, info: dict) 
 
     packed, liger, attention = TRL[name]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(PAD_ID)
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
     max_length = TOKENS_PER_STEP if packed else 1024  # 1024: TRL's default max_length
     mean = sum(min(len(r["input_ids"]), max_length) for r in rows) / len(rows)
     batch_size = 1 if packed else max(1, round(TOKENS_PER_STEP / mean))
     info.update(micro_batch=batch_size, max_length=max_length)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # float32 weights under bf16 autocast, as TRL trains a model it is handed
     model = AutoModelForCausalLM.from_config(
-        AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16, attn_implementation=attention
+        AutoConfig.from_pretrained(model_dir), attn_implementation=attention
     )
     config = SFTConfig(
         output_dir=str(work / f"out-{name}"), max_steps=total_steps(args), per_device_train_batch_size=batch_size,
         learning_rate=2e-5, bf16=torch.cuda.is_available(), logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none",
         packing=packed, max_length=max_length, use_liger_kernel=liger, seed=42, disable_tqdm=True,
+        pad_to_multiple_of=max_length if packed else None,  # one shape: flex attention compiles once
     )  # fmt: skip
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -230,7 +251,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, info: dic
     overrides = FTCORE[name]
     raw = {
         "plugins": list(overrides.get("plugins", [])),
-        "model": {"base": str(model_dir), "init": "random", **overrides.get("model", {})},
+        "model": {"base": str(model_dir), "init": "random", "pad_token": "<unk>", **overrides.get("model", {})},
         "datasets": [{"path": str(work / "rows.jsonl"), "format": "pretokenized"}],
         "data": {"cache_dir": str(work / "cache")},
         "train": {
@@ -278,7 +299,10 @@ def report(results: list[dict], info: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         trl = {r["config"]: r for r in rows if r["config"] in TRL and "tokens_per_second" in r}
-        header = f"| configuration | tokens/s | peak GiB | MFU | first step s | {' | '.join('x ' + n for n in trl)} |"
+        header = (
+            f"| configuration | tokens/s (median step) | tokens/s (mean) | peak GiB | MFU | first step s | "
+            f"{' | '.join('x ' + n for n in trl)} |"
+        )
         lines += [
             f"\n## {model} on {rows[0].get('device', '?')}: {TOKENS_PER_STEP} tokens a step, "
             f"median row {info['median_row']} tokens, {info['warmup']} warm-up + {info['steps']} timed steps\n",
@@ -292,8 +316,8 @@ def report(results: list[dict], info: dict) -> str:
                 f"{r['tokens_per_second'] / t['tokens_per_second']:.2f}" for t in trl.values()
             )
             lines.append(
-                f"| {r['config']} | {r['tokens_per_second']:,.0f} | {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} "
-                f"| {r['first_step_s']:.1f} | {ratios} |"
+                f"| {r['config']} | {r['tokens_per_second']:,.0f} | {r['mean_tokens_per_second']:,.0f} "
+                f"| {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} | {r['first_step_s']:.1f} | {ratios} |"
             )
         if PEER_BEST in trl:
             best = trl[PEER_BEST]

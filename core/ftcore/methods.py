@@ -5,7 +5,6 @@ A method is a class with:
 - ``row_schemas``: the canonical row schemas it accepts (``messages``, ``prompt_completion``,
   ``text``, ``tokens``, ``preference``, ``prompt_only``); the core checks every dataset's
   format against it before loading anything.
-- ``validate(config)`` (classmethod, optional): cross-table checks; raise ``ConfigError``.
 - ``build_trainer(run)``: return a ``transformers.Trainer`` (or subclass, e.g. a TRL trainer)
   built from the ``Run``. The core then trains it, resumes it, saves checkpoints through its
   callbacks and writes the final model.
@@ -14,9 +13,7 @@ A method is a class with:
   prints: the first ``n`` rows with the trained tokens marked (``ftcore.data.preview.render_row``),
   then a summary. Without it the command shows the core's rows.
 
-Online-RL methods (GRPO, EBFT, NeMo Gym) fit the same shape: ``prompt_only`` rows, rewards
-from the reward registry, a generation client started in ``build_trainer``, plugin state
-(replay buffers, rollout positions) through ``checkpoint_state`` / ``restore_checkpoint_state``.
+Online-RL methods (GRPO, EBFT, NeMo Gym) fit the same shape; see docs/methods.md.
 """
 
 from __future__ import annotations
@@ -45,11 +42,10 @@ class Run:
     model: Any
     tokenizer: Any
     output_dir: Path
-    train_dataset: Any = None
-    eval_dataset: Any = None
     callbacks: list[Any] = field(default_factory=list)
-    training_args: dict[str, Any] = field(default_factory=dict)
+    """The core's callbacks (metrics, progress, report, checkpoints, signals) and the plugins'."""
     data_fingerprint: str | None = None
+    """Set by the method once its data is prepared; stored in checkpoints and checked on resume."""
 
 
 @dataclass

@@ -210,13 +210,13 @@ def register_varlen_attention() -> str:
 def auto_attention(config, model_config=None) -> str:
     """What ``model.attention = "auto"`` means on this machine for this run.
 
-    Packed rows on a CUDA GPU: flash-attn's varlen kernels when the package is installed, else
-    torch's own (``varlen``), else flex attention with a document mask; anything else, or a model
-    needing logit softcapping or attention sinks: sdpa (or flex for packed rows).
+    Packed rows trained in bf16/fp16 on a CUDA GPU: flash-attn's varlen kernels when the package
+    is installed, else torch's own (``varlen``), else flex attention with a document mask (also
+    for models needing logit softcapping or attention sinks); anything else: sdpa.
     """
     import torch
 
-    if not (config.train.packing and torch.cuda.is_available()):
+    if not (config.train.packing and torch.cuda.is_available() and trains_in_half_precision(config)):
         return "sdpa"
     needs_flex = model_config is not None and (
         getattr(model_config, "attn_logit_softcapping", None) is not None
@@ -229,6 +229,13 @@ def auto_attention(config, model_config=None) -> str:
     if varlen_available():
         return register_varlen_attention()
     return "flex_attention"
+
+
+def trains_in_half_precision(config) -> bool:
+    """Whether attention sees bf16/fp16 activations on a GPU (autocast, or half-precision weights)."""
+    if config.train.precision != "fp32":
+        return True  # bf16/fp16, or auto: bf16 on GPUs new enough for flash attention
+    return config.model.dtype in ("auto", "bfloat16", "float16")
 
 
 def resolve_attention(config, model_config=None) -> str:
