@@ -75,12 +75,9 @@ def pack(dataset, sequence_len: int, seed: int | None = None):
         bins = [bins[i] for i in order]
     rows = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
     row_lengths = lengths[rows]
-    row_starts = np.concatenate(
-        ([0], np.cumsum(row_lengths)[:-1])
-    )  # where each sequence starts in the output
-    within = np.arange(int(row_lengths.sum())) - np.repeat(
-        row_starts, row_lengths
-    )  # position inside its sequence
+    # where each sequence starts in the output, and each token's position inside its sequence
+    row_starts = np.concatenate(([0], np.cumsum(row_lengths)[:-1]))
+    within = np.arange(int(row_lengths.sum())) - np.repeat(row_starts, row_lengths)
     gather = np.repeat(offsets[:-1][rows], row_lengths) + within
     packed_labels = labels[gather].astype(np.int32)
     packed_labels[row_starts[row_lengths > 0]] = IGNORE
@@ -96,7 +93,5 @@ def pack(dataset, sequence_len: int, seed: int | None = None):
     packed = pa.table(
         {"input_ids": column(ids[gather]), "labels": column(packed_labels), "position_ids": column(within)}
     )
-    fingerprint = digest(
-        "packed", dataset._fingerprint, sequence_len, seed
-    )  # hashing the table would be slow
-    return datasets.Dataset(packed, fingerprint=fingerprint)
+    # a fingerprint from the input's: datasets would otherwise hash the whole table
+    return datasets.Dataset(packed, fingerprint=digest("packed", dataset._fingerprint, sequence_len, seed))

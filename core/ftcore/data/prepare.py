@@ -14,9 +14,9 @@ import numpy as np
 
 from ftcore.data import tokenize
 from ftcore.data.cache import digest
-from ftcore.data.formats import RowFormat
+from ftcore.data.formats import SCHEMAS, RowFormat
 from ftcore.data.sources import ROW, DatasetSpec, read_dataset, worker_count
-from ftcore.errors import ConfigError, DataError, did_you_mean
+from ftcore.errors import ConfigError, DataError, PluginError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from ftcore.config import Config
@@ -51,6 +51,12 @@ def dataset_specs(config: Config, plugins: Plugins, schemas: tuple[str, ...]) ->
     for index, section in enumerate(config.datasets):
         key = f"datasets.{index}"
         format_class: type[RowFormat] = registry.get(section.format)
+        if getattr(format_class, "schema", None) not in SCHEMAS:
+            raise PluginError(
+                f"format {section.format!r} declares schema {getattr(format_class, 'schema', None)!r}, "
+                f"not one of the canonical schemas {', '.join(SCHEMAS)}",
+                plugin=registry.owner(section.format),
+            )
         if format_class.schema not in schemas:
             raise ConfigError(
                 f"format {section.format!r} produces {format_class.schema!r} rows, but method {config.train.method!r} "

@@ -119,16 +119,23 @@ class ChatMasker:
             found[key] = (common_prefix_length(start_texts[key], full), end)
         spans, unlocated = [], []
         for row, conversation in enumerate(conversations):
-            mask = np.zeros(len(texts[row]), dtype=bool)
-            missed = 0
+            whole, mask, missed = [], None, 0  # whole: spans of messages trained throughout
             for i, message in enumerate(conversation):
-                if (row, i) in found:
-                    start, end = found[row, i]
-                    if end <= start:
-                        missed += 1
-                    else:
-                        missed += self._mark(mask, texts[row], start, end, message)
-            spans.append(intervals(mask))
+                if (row, i) not in found:
+                    continue
+                start, end = found[row, i]
+                overrides = self._overrides(message)
+                if end <= start:
+                    missed += 1
+                elif not overrides:
+                    whole.append((start, end))
+                else:
+                    mask = np.zeros(len(texts[row]), dtype=bool) if mask is None else mask
+                    missed += self._mark(mask, texts[row], start, end, message, overrides)
+            if mask is not None:
+                for start, end in whole:
+                    mask[start:end] = True
+            spans.append(intervals(mask) if mask is not None else _merged(whole))
             unlocated.append(missed)
         return texts, spans, unlocated
 
@@ -176,30 +183,45 @@ class ChatMasker:
                 texts[i], blocks[i] = text, block
         return texts, blocks
 
-    def _mark(self, mask: np.ndarray, full: str, start: int, end: int, message: dict) -> int:
-        """Mark the message's trained characters in ``mask``; return how many parts were not found."""
+    def _overrides(self, message: dict) -> list:
+        """Parts flagged unlike their message: [(text to find in the message, [(start, end, flag) in it])]."""
         trained = self._trained(message)
-        mask[start:end] = trained
-        overrides = []  # (text to find in the message, [(start, end, train flag) of its parts])
+        overrides = []
         reasoning = message.get("reasoning_content")
         if reasoning and message.get("train_reasoning", trained) != trained:
-            overrides.append((reasoning, [(0, len(reasoning), message.get("train_reasoning"))]))
+            overrides.append((reasoning, [(0, len(reasoning), message["train_reasoning"])]))
         text, parts = _flatten_content(message.get("content"))
         if any(flag is not None and flag != trained for _, _, flag in parts):
             overrides.append((text, parts))
+        return overrides
+
+    def _mark(self, mask: np.ndarray, full: str, start: int, end: int, message: dict, overrides: list) -> int:
+        """Mark the message's trained characters in ``mask``; return how many parts were not found."""
+        mask[start:end] = self._trained(message)
         missed, cursor = 0, start
-        for searched, spans in overrides:
+        for searched, parts in overrides:
             found = full.find(searched, cursor, end) if searched else -1
             if found < 0:
                 missed += 1
-                if any(flag is False for _, _, flag in spans):
+                if any(flag is False for _, _, flag in parts):
                     mask[start:end] = False  # cannot exclude the untrained part: train nothing of the message
                 continue
-            for part_start, part_end, flag in spans:
+            for part_start, part_end, flag in parts:
                 if flag is not None:
                     mask[found + part_start : found + part_end] = flag
             cursor = found + len(searched)
         return missed
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted spans, touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
 
 
 def intervals(mask: np.ndarray) -> np.ndarray:
@@ -345,7 +367,9 @@ class Tokenizer:
                     ) from None
                 self.warned += 1
                 if self.warned <= WARN_ROWS:
-                    log.warning("%s, row %d: skipped: %s", self.label, line_number(self.label, record), problem)
+                    log.warning(
+                        "%s, row %d: skipped: %s", self.label, line_number(self.label, record), problem
+                    )
                 failed.add(j)
                 text, span, missed = [""], [np.zeros((0, 2), dtype=np.int64)], [0]
             texts += text

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import Field
-
 from ftcore.data.formats import FormatOptions, RowFormat, normalize_messages
+from pydantic import Field
 
 COMPLETION_ROLES = ("assistant", "tool")
 
@@ -39,15 +38,21 @@ class Preference(RowFormat):
         if prompt is None:
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
         elif isinstance(prompt, str) and not isinstance(chosen, str):
-            raise ValueError("prompt is a string but chosen/rejected are message lists: give the prompt as messages too")
+            raise ValueError(
+                "prompt is a string but chosen/rejected are message lists: give the prompt as messages too"
+            )
         elif not isinstance(prompt, str):
             prompt = normalize_messages(prompt, self.options.role_map)
             chosen, rejected = (_as_messages(side) for side in (chosen, rejected))
-        if isinstance(prompt, str) != isinstance(chosen, str) or isinstance(chosen, str) != isinstance(rejected, str):
+        if isinstance(prompt, str) != isinstance(chosen, str) or isinstance(chosen, str) != isinstance(
+            rejected, str
+        ):
             raise ValueError("chosen and rejected must both be strings or both be message lists")
         if row.get("system"):
             if isinstance(prompt, str):
-                raise ValueError("a system column needs message-list prompts; put the system text into the prompt")
+                raise ValueError(
+                    "a system column needs message-list prompts; put the system text into the prompt"
+                )
             prompt = [{"role": "system", "content": row["system"]}, *prompt]
         if isinstance(chosen, list):
             for side, messages in (("chosen", chosen), ("rejected", rejected)):
@@ -83,11 +88,15 @@ def _as_messages(side):
 
 def _split_shared_prompt(chosen, rejected):
     if isinstance(chosen, str) or isinstance(rejected, str):
-        raise ValueError("no prompt: give a prompt column (strings), or message lists that share their first messages")
+        raise ValueError(
+            "no prompt: give a prompt column (strings), or message lists that share their first messages"
+        )
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    while shared and chosen[shared - 1]["role"] in COMPLETION_ROLES:  # a completion starts after the last user turn
+    while (
+        shared and chosen[shared - 1]["role"] in COMPLETION_ROLES
+    ):  # a completion starts after the last user turn
         shared -= 1
     if shared == 0:
         raise ValueError("no prompt: chosen and rejected share no leading user turn; add a prompt column")
@@ -110,7 +119,8 @@ HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 class HHRLHFOptions(FormatOptions):
     messages: bool = Field(
-        False, description="Give user/assistant message lists (for a chat template) instead of the transcript text."
+        False,
+        description="Give user/assistant message lists (for a chat template) instead of the transcript text.",
     )
 
 
@@ -133,18 +143,28 @@ class HHRLHF(RowFormat):
         cut = chosen.rindex(ASSISTANT) + len(ASSISTANT)
         prompt = chosen[:cut]
         if not rejected.startswith(prompt):
-            raise ValueError("rejected does not continue the conversation of chosen (their text before the last Assistant turn differs)")
-        chosen, rejected = chosen[cut:], rejected[cut:]  # may be empty: saying nothing can be the preferred reply
+            raise ValueError(
+                "rejected does not continue the conversation of chosen (their text before the last Assistant turn differs)"
+            )
+        chosen, rejected = (
+            chosen[cut:],
+            rejected[cut:],
+        )  # may be empty: saying nothing can be the preferred reply
         if chosen == rejected:
             raise ValueError("chosen and rejected are the same")
         if self.options.messages:
             reply = [{"role": "assistant", "content": text.strip()} for text in (chosen, rejected)]
-            return {"prompt": transcript_messages(prompt), "chosen": reply[:1], "rejected": reply[1:], "tools": None}
+            return {
+                "prompt": transcript_messages(prompt),
+                "chosen": reply[:1],
+                "rejected": reply[1:],
+                "tools": None,
+            }
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": None}
 
 
 def transcript_messages(prompt: str) -> list[dict[str, str]]:
-    """"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:" -> user/assistant messages (a, b, c)."""
+    """ "\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:" -> user/assistant messages (a, b, c)."""
     messages = []
     rest = prompt
     while rest:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ftcore.train import remove_default_printer, training_arguments
 from trl import DPOConfig, DPOTrainer
 
-from ftcore.train import remove_default_printer, training_arguments
 from ftcore_dpo.pairs import TOKEN_COLUMNS, prepare_pairs
 
 
@@ -38,7 +38,6 @@ def dpo_arguments(config) -> dict:
         precompute_ref_log_probs=dpo.precompute_ref_log_probs,
         precompute_ref_batch_size=dpo.precompute_ref_batch_size,
         max_length=config.train.sequence_len,
-        dataset_num_proc=config.data.num_proc,
     )
 
 
@@ -69,7 +68,8 @@ class DPOMethod:
         data = prepare_pairs(config, run.plugins, run.tokenizer)
         run.data_fingerprint = data.fingerprint
         args = DPOConfig(
-            **training_arguments(config, run.output_dir, has_eval=data.eval is not None), **dpo_arguments(config)
+            **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
+            **dpo_arguments(config),
         )
         trainer = FtcoreDPOTrainer(
             model=run.model,

@@ -48,7 +48,9 @@ class PairData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def tokenize_pair(tokenizer, row: dict[str, Any], template_kwargs: dict[str, Any] | None = None) -> dict[str, list[int]]:
+def tokenize_pair(
+    tokenizer, row: dict[str, Any], template_kwargs: dict[str, Any] | None = None
+) -> dict[str, list[int]]:
     """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, tokenized as TRL does."""
     from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
@@ -64,8 +66,14 @@ def tokenize_pair(tokenizer, row: dict[str, Any], template_kwargs: dict[str, Any
         prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
         with_chosen = _tokenize(tokenizer, prompt + chosen)["input_ids"]
         with_rejected = _tokenize(tokenizer, prompt + rejected)["input_ids"]
-    start = min(common_prefix_length(prompt_ids, with_chosen), common_prefix_length(prompt_ids, with_rejected))
-    return {"prompt_ids": list(prompt_ids[:start]), "chosen_ids": list(with_chosen[start:]), "rejected_ids": list(with_rejected[start:])}
+    start = min(
+        common_prefix_length(prompt_ids, with_chosen), common_prefix_length(prompt_ids, with_rejected)
+    )
+    return {
+        "prompt_ids": list(prompt_ids[:start]),
+        "chosen_ids": list(with_chosen[start:]),
+        "rejected_ids": list(with_rejected[start:]),
+    }
 
 
 def fit_pair(ids: dict[str, list[int]], limits: Limits, truncate: bool) -> tuple[dict[str, list[int]], int]:
@@ -82,7 +90,11 @@ def fit_pair(ids: dict[str, list[int]], limits: Limits, truncate: bool) -> tuple
         return ids, KEPT
     if not truncate:
         return ids, TOO_LONG
-    return {**ids, "chosen_ids": ids["chosen_ids"][:room], "rejected_ids": ids["rejected_ids"][:room]}, TRUNCATED
+    return {
+        **ids,
+        "chosen_ids": ids["chosen_ids"][:room],
+        "rejected_ids": ids["rejected_ids"][:room],
+    }, TRUNCATED
 
 
 def _tokenize_and_fit(row, tokenizer, template_kwargs, limits: Limits, truncate: bool) -> dict[str, Any]:
@@ -101,7 +113,6 @@ class PairTokenizer:
 
     def __call__(self, spec, label: str, rows):
         from datasets import Features, List, Value
-
         from trl.data_utils import is_conversational
 
         if len(rows) and is_conversational(rows[0]) and not self.tokenizer.chat_template:
@@ -111,7 +122,13 @@ class PairTokenizer:
                 file=self.config.source,
                 key="model.chat_template",
             )
-        features = Features({**{c: List(Value("int32")) for c in TOKEN_COLUMNS}, "_status": Value("int8"), "_row": Value("int64")})
+        features = Features(
+            {
+                **{c: List(Value("int32")) for c in TOKEN_COLUMNS},
+                "_status": Value("int8"),
+                "_row": Value("int64"),
+            }
+        )
         tokenized = rows.map(
             _tokenize_and_fit,
             fn_kwargs={
@@ -122,11 +139,17 @@ class PairTokenizer:
             },
             remove_columns=[c for c in rows.column_names if c != "_row"],
             features=features,
+            num_proc=self.config.data.num_proc if len(rows) >= 4000 else None,
             load_from_cache_file=False,
             desc=f"Tokenizing pairs of {label}",
         )
         status = tokenized.data.column("_status").to_pylist()
-        names = {"kept": KEPT, "truncated": TRUNCATED, "dropped_long_prompt": LONG_PROMPT, "dropped_too_long": TOO_LONG}
+        names = {
+            "kept": KEPT,
+            "truncated": TRUNCATED,
+            "dropped_long_prompt": LONG_PROMPT,
+            "dropped_too_long": TOO_LONG,
+        }
         counts = {name: status.count(code) for name, code in names.items()}
         if spec.excess_length == "raise" and counts["dropped_long_prompt"] + counts["dropped_too_long"]:
             self._raise(rows, status, label)
@@ -164,7 +187,9 @@ def prepare_pairs(config, plugins, tokenizer) -> PairData:
 
     specs = dataset_specs(config, plugins, ("preference",))
     limits = Limits.from_config(config)
-    fingerprint = digest("dpo", PAIRS_VERSION, data_fingerprint(config, specs, plugins, tokenizer), vars(limits))
+    fingerprint = digest(
+        "dpo", PAIRS_VERSION, data_fingerprint(config, specs, plugins, tokenizer), vars(limits)
+    )
     root = cache_root(config)
     cached = load(root, fingerprint)
     if cached is None:
@@ -172,7 +197,11 @@ def prepare_pairs(config, plugins, tokenizer) -> PairData:
         train, evaluation = load_rows(config, plugins, ("preference",), transform=pair_tokenizer)
         if not len(train):
             raise DataError(f"no pair is left to train on ({pair_tokenizer.counts})")
-        stats = {"pairs": len(train), "eval_pairs": len(evaluation) if evaluation is not None else 0, "sources": pair_tokenizer.counts}
+        stats = {
+            "pairs": len(train),
+            "eval_pairs": len(evaluation) if evaluation is not None else 0,
+            "sources": pair_tokenizer.counts,
+        }
         save(root, fingerprint, train, evaluation, stats)
         cached = load(root, fingerprint)
         cached[2]["cache"] = "miss"
@@ -180,7 +209,13 @@ def prepare_pairs(config, plugins, tokenizer) -> PairData:
         cached[2]["cache"] = "hit"
     train, evaluation, stats = cached
     stats["cache_dir"] = str(root / fingerprint)
-    log.info("dpo data %s: %d train pairs, %d eval pairs (%s)", fingerprint, stats["pairs"], stats["eval_pairs"], root / fingerprint)
+    log.info(
+        "dpo data %s: %d train pairs, %d eval pairs (%s)",
+        fingerprint,
+        stats["pairs"],
+        stats["eval_pairs"],
+        root / fingerprint,
+    )
     return PairData(train, evaluation, fingerprint, stats)
 
 
@@ -189,7 +224,9 @@ def preview_lines(tokenizer, data: PairData, n: int, *, color: bool = False) -> 
     from ftcore.data.preview import IGNORE, render_row
 
     def render(ids: list[int], trained: bool) -> str:
-        return render_row(tokenizer, {"input_ids": ids, "labels": ids if trained else [IGNORE] * len(ids)}, color=color)
+        return render_row(
+            tokenizer, {"input_ids": ids, "labels": ids if trained else [IGNORE] * len(ids)}, color=color
+        )
 
     lines = []
     for index in range(min(n, len(data.train))):
@@ -204,6 +241,8 @@ def preview_lines(tokenizer, data: PairData, n: int, *, color: bool = False) -> 
         f"pairs            {stats['pairs']:,} (eval {stats['eval_pairs']:,})",
     ]
     for source in stats["sources"]:
-        counts = ", ".join(f"{key.replace('_', ' ')} {value:,}" for key, value in source.items() if key != "source" and value)
+        counts = ", ".join(
+            f"{key.replace('_', ' ')} {value:,}" for key, value in source.items() if key != "source" and value
+        )
         lines.append(f"  {source['source']}: {counts}")
     return lines

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ftcore.testing import asset, stories_model
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "bunny", "duck", "bear"]
@@ -26,7 +25,10 @@ def chat_pairs() -> list[dict]:
                 {"role": "tool", "content": place},
             ]
         else:
-            prompt = [{"role": "system", "content": "Tell stories."}, {"role": "user", "content": f"The {animal} in the {place}."}]
+            prompt = [
+                {"role": "system", "content": "Tell stories."},
+                {"role": "user", "content": f"The {animal} in the {place}."},
+            ]
         chosen = f"The {animal} was happy in the {place}."
         rejected = f"{place} the {animal} {animal} was the."
         rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
@@ -45,7 +47,9 @@ def chat_pairs_file(tmp_path) -> Path:
 def make_config(tmp_path):
     """Write run.toml for stories260K with the given [[datasets]] and extra tables; return its path."""
 
-    def make(datasets: str, *, train: str = "", extra: str = "", adapter: bool = True, name: str = "run.toml") -> Path:
+    def make(
+        datasets: str, *, train: str = "", extra: str = "", adapter: bool = True, name: str = "run.toml"
+    ) -> Path:
         path = tmp_path / name
         path.write_text(f"""
 plugins = ["dpo"]

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ftcore.config import validate_config
 from ftcore.errors import ConfigError
 from ftcore_dpo.plugin import LOSS_TYPES
@@ -54,9 +53,17 @@ def test_unknown_loss_type_lists_the_valid_ones():
     [
         ({"train": {"packing": True}}, "train.packing", "packing = false"),
         ({"dpo": {"loss_type": ["ipo"], "label_smoothing": 0.1}}, "dpo.label_smoothing", "ipo"),
-        ({"dpo": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}}, "dpo.loss_weights", "1 weights for 2"),
+        (
+            {"dpo": {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}},
+            "dpo.loss_weights",
+            "1 weights for 2",
+        ),
         ({"dpo": {"loss_type": ["exo_pair"]}}, "dpo.label_smoothing", "exo_pair"),
-        ({"dpo": {"loss_type": ["bco_pair"], "f_divergence_type": "js_divergence"}}, "dpo.f_divergence_type", "bco_pair"),
+        (
+            {"dpo": {"loss_type": ["bco_pair"], "f_divergence_type": "js_divergence"}},
+            "dpo.f_divergence_type",
+            "bco_pair",
+        ),
         ({"dpo": {"max_prompt_length": 128}}, "dpo.max_prompt_length", "no room"),
     ],
 )
@@ -87,7 +94,9 @@ def test_method_dpo_without_the_plugin_says_which_plugin_to_enable(tmp_path):
         '[model]\nbase = "/models/any"\n[[datasets]]\npath = "/data/p.jsonl"\nformat = "messages"\n'
         '[train]\nmethod = "dpo"\noutput_dir = "out"\n'
     )
-    proc = subprocess.run([sys.executable, "-m", "ftcore.cli", "validate", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftcore.cli", "validate", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert 'method "dpo" is provided by the plugin "dpo", which is not enabled' in proc.stderr
     assert 'plugins = ["dpo"]' in proc.stderr and "train.method" in proc.stderr

@@ -6,7 +6,6 @@ import sys
 import types
 
 import pytest
-
 from ftcore.config import load_config
 from ftcore.errors import DataError
 from ftcore.model import load_tokenizer
@@ -32,7 +31,9 @@ def test_hh_rlhf_splits_every_transcript_at_the_last_assistant_turn(hh_rows):
 def test_hh_rlhf_as_messages(hh_rows):
     pair = HHRLHF({"messages": True}).convert(hh_rows[9])
     assert pair["prompt"] == [{"role": "user", "content": "Is it possible to download a car?"}]
-    assert pair["chosen"] == [{"role": "assistant", "content": "I’m not sure what you mean. Can you clarify?"}]
+    assert pair["chosen"] == [
+        {"role": "assistant", "content": "I’m not sure what you mean. Can you clarify?"}
+    ]
     assert pair["rejected"] == [{"role": "assistant", "content": "I’m sorry, I don’t understand."}]
 
 
@@ -43,9 +44,14 @@ def test_preference_rows_strings_messages_and_implicit_prompt(chat_rows):
     }  # fmt: skip
     with_tool = chat_rows[3]
     assert [m["role"] for m in fmt.convert(with_tool)["prompt"]] == ["user", "assistant", "tool"]
-    implicit = {"chosen": chat_rows[0]["prompt"] + chat_rows[0]["chosen"], "rejected": chat_rows[0]["prompt"] + chat_rows[0]["rejected"]}
+    implicit = {
+        "chosen": chat_rows[0]["prompt"] + chat_rows[0]["chosen"],
+        "rejected": chat_rows[0]["prompt"] + chat_rows[0]["rejected"],
+    }
     assert fmt.convert(implicit)["prompt"] == chat_rows[0]["prompt"]  # the shared turns before the replies
-    string_reply = fmt.convert({"prompt": with_tool["prompt"], "chosen": "Yes.", "rejected": "No.", "system": "Be brief."})
+    string_reply = fmt.convert(
+        {"prompt": with_tool["prompt"], "chosen": "Yes.", "rejected": "No.", "system": "Be brief."}
+    )
     assert string_reply["chosen"] == [{"role": "assistant", "content": "Yes."}]
     assert string_reply["prompt"][0] == {"role": "system", "content": "Be brief."}
 
@@ -53,11 +59,28 @@ def test_preference_rows_strings_messages_and_implicit_prompt(chat_rows):
 @pytest.mark.parametrize(
     "row, words",
     [
-        ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}, "prompt is a string"),
+        (
+            {
+                "prompt": "Hi",
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "prompt is a string",
+        ),
         ({"prompt": "Hi", "chosen": "same", "rejected": "same"}, "the same"),
-        ({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "end with an assistant"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": "b",
+            },
+            "end with an assistant",
+        ),
         ({"chosen": "a b", "rejected": "a c"}, "no prompt"),
-        ({"prompt": [{"role": "usr", "content": "Hi"}], "chosen": "a", "rejected": "b"}, 'did you mean "user"'),
+        (
+            {"prompt": [{"role": "usr", "content": "Hi"}], "chosen": "a", "rejected": "b"},
+            'did you mean "user"',
+        ),
     ],
 )
 def test_bad_preference_rows_say_why(row, words):
@@ -73,24 +96,37 @@ def test_tokens_equal_trls_own_preprocessing(hh_rows, chat_rows, make_config, hh
     tokenizer = load_tokenizer(config)
     args = DPOConfig(output_dir="unused", max_length=None, use_cpu=True, report_to="none")
     trl_self = types.SimpleNamespace(_tokenizer=tokenizer)  # all _prepare_dataset reads from the trainer
-    for rows in ([HHRLHF().convert(r) for r in hh_rows[:30]], [Preference().convert(r) for r in chat_rows[:8]]):
+    for rows in (
+        [HHRLHF().convert(r) for r in hh_rows[:30]],
+        [Preference().convert(r) for r in chat_rows[:8]],
+    ):
         rows = [{k: v for k, v in row.items() if k != "tools"} for row in rows]
         expected = DPOTrainer._prepare_dataset(trl_self, Dataset.from_list(rows), tokenizer, args, "train")
         for row, trl_row in zip(rows, expected, strict=True):
-            assert tokenize_pair(tokenizer, row) == {k: trl_row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+            assert tokenize_pair(tokenizer, row) == {
+                k: trl_row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+            }
 
 
 def test_fit_pair_keeps_the_prompt_and_cuts_completions():
     ids = {"prompt_ids": [1] * 6, "chosen_ids": [2] * 8, "rejected_ids": [3] * 3}
     limits = Limits(max_length=10, max_prompt=9, max_completion=10)
-    assert fit_pair(ids, limits, truncate=True) == ({**ids, "chosen_ids": [2] * 4, "rejected_ids": [3] * 3}, 1)
+    assert fit_pair(ids, limits, truncate=True) == (
+        {**ids, "chosen_ids": [2] * 4, "rejected_ids": [3] * 3},
+        1,
+    )
     assert fit_pair(ids, limits, truncate=False) == (ids, 3)
-    assert fit_pair(ids, Limits(10, 5, 10), truncate=True) == (ids, 2)  # prompt over max_prompt: never shortened
+    assert fit_pair(ids, Limits(10, 5, 10), truncate=True) == (
+        ids,
+        2,
+    )  # prompt over max_prompt: never shortened
     assert fit_pair(ids, Limits(20, 19, 2), truncate=True)[0]["chosen_ids"] == [2, 2]  # max_completion
 
 
 def test_truncate_keeps_every_prompt_token_and_drops_long_prompts(hh_rows, make_config, hh_dataset, caplog):
-    config, plugins = load_config(make_config(hh_dataset("train[:120]", "truncate")), ["train.sequence_len=96"])
+    config, plugins = load_config(
+        make_config(hh_dataset("train[:120]", "truncate")), ["train.sequence_len=96"]
+    )
     tokenizer = load_tokenizer(config)
     with caplog.at_level(logging.WARNING, logger="ftcore.data"):
         data = prepare_pairs(config, plugins, tokenizer)
@@ -110,13 +146,17 @@ def test_truncate_keeps_every_prompt_token_and_drops_long_prompts(hh_rows, make_
         for side in ("chosen_ids", "rejected_ids"):
             assert original[side][: len(pair[side])] == pair[side]
             assert len(pair["prompt_ids"]) + len(pair[side]) <= 96
-        truncated += pair["chosen_ids"] != original["chosen_ids"] or pair["rejected_ids"] != original["rejected_ids"]
+        truncated += (
+            pair["chosen_ids"] != original["chosen_ids"] or pair["rejected_ids"] != original["rejected_ids"]
+        )
     assert truncated and len(data.train) == len(full) - long_prompts
 
 
 def test_raise_names_the_file_and_line(make_config, hh_dataset):
     config, plugins = load_config(make_config(hh_dataset("train[:50]", "raise")), ["train.sequence_len=96"])
-    with pytest.raises(DataError, match=r"harmless_base_test_first2000\.jsonl, row \d+: .*(prompt alone|over the limit)"):
+    with pytest.raises(
+        DataError, match=r"harmless_base_test_first2000\.jsonl, row \d+: .*(prompt alone|over the limit)"
+    ):
         prepare_pairs(config, plugins, load_tokenizer(config))
 
 
@@ -126,7 +166,9 @@ def test_cache_hit_and_fingerprint_follow_the_token_settings(make_config, chat_d
     tokenizer = load_tokenizer(config)
     first = prepare_pairs(config, plugins, tokenizer)
     again = prepare_pairs(config, plugins, tokenizer)
-    assert again.fingerprint == first.fingerprint and again.train.cache_files[0]["filename"].startswith(str(config.data.cache_dir))
+    assert again.fingerprint == first.fingerprint and again.train.cache_files[0]["filename"].startswith(
+        str(config.data.cache_dir)
+    )
     assert max(len(p["chosen_ids"]) for p in first.train) == 12
     longer, _ = load_config(path, ["datasets.0.excess_length=truncate", "dpo.max_completion_length=40"])
     assert prepare_pairs(longer, plugins, tokenizer).fingerprint != first.fingerprint
@@ -134,7 +176,17 @@ def test_cache_hit_and_fingerprint_follow_the_token_settings(make_config, chat_d
 
 def test_preprocess_show_marks_the_trained_tokens(make_config, chat_dataset):
     path = make_config(chat_dataset)
-    command = [sys.executable, "-m", "ftcore.cli", "preprocess", str(path), "--show", "2", "--set", "data.shuffle=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "ftcore.cli",
+        "preprocess",
+        str(path),
+        "--show",
+        "2",
+        "--set",
+        "data.shuffle=false",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.split("=== pair 1 ===")[0]

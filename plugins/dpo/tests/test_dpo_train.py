@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from ftcore.checkpoint import step_dir
 from ftcore.config import load_config
 from ftcore.metrics import read_metrics
 from ftcore.model import load_model_and_tokenizer, load_tokenizer
 from ftcore.pipeline import run_training
 from ftcore_dpo.pairs import prepare_pairs
+from safetensors.torch import load_file
 
 
 def rows_with(output_dir, key):
@@ -59,13 +58,18 @@ def test_lora_dpo_run_learns_the_preferences_and_its_adapter_reloads(make_config
     steps = rows_with(out, "rewards/accuracies")
     assert len(steps) == 20
     assert mean([r["rewards/accuracies"] for r in steps[-5:]]) > 0.5
-    assert mean([r["rewards/margins"] for r in steps[-5:]]) > mean([r["rewards/margins"] for r in steps[:5]]) + 1.0
+    assert (
+        mean([r["rewards/margins"] for r in steps[-5:]])
+        > mean([r["rewards/margins"] for r in steps[:5]]) + 1.0
+    )
     assert len(rows_with(out, "eval_rewards/accuracies")) == 2
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
     assert (out / "report.html").is_file() and (out / "config.resolved.toml").is_file()
 
     config, plugins = load_config(path, ["data.val_fraction=0.1"])
-    pairs = prepare_pairs(config, plugins, load_tokenizer(config)).train.select(range(24))  # the cached tokens
+    pairs = prepare_pairs(config, plugins, load_tokenizer(config)).train.select(
+        range(24)
+    )  # the cached tokens
     reloaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(config.model.base).eval()
     assert preference_margin(reloaded, pairs) > preference_margin(base, pairs) + 1.0
@@ -91,7 +95,10 @@ def test_weighted_sigmoid_plus_ipo_and_resume(make_config, chat_dataset, tmp_pat
     config, plugins = load_config(path, [f"train.output_dir={resumed_dir}"])
     resumed = run_training(config, plugins, resume=True)
     assert {row["step"]: row["loss"] for row in rows_with(resumed_dir, "loss")} == losses
-    expected, got = load_file(reference.output_dir / "adapter_model.safetensors"), load_file(resumed_dir / "adapter_model.safetensors")
+    expected, got = (
+        load_file(reference.output_dir / "adapter_model.safetensors"),
+        load_file(resumed_dir / "adapter_model.safetensors"),
+    )
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert resumed.global_step == 6
 
@@ -103,7 +110,9 @@ def build_trainer(path, overrides=()):
 
     config, plugins = load_config(path, list(overrides))
     model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=path.parent / "out")
+    run = Run(
+        config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=path.parent / "out"
+    )
     run.callbacks = run_callbacks(run)
     return DPOMethod().build_trainer(run), run
 
@@ -115,8 +124,12 @@ def test_lora_reference_is_the_adapter_disabled_base(make_config, chat_dataset):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     with trainer.model.disable_adapter(), torch.no_grad():
-        logps = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
-    token_logps = logps[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0] * batch["completion_mask"][:, 1:]
+        logps = trainer.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.log_softmax(-1)
+    token_logps = (
+        logps[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0] * batch["completion_mask"][:, 1:]
+    )
     assert torch.allclose(torch.cat([chosen, rejected]), token_logps.sum(-1), atol=1e-4)
 
 
@@ -130,6 +143,8 @@ def test_full_finetune_reference_is_a_frozen_copy_or_precomputed(make_config, ch
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())  # the reference stays frozen
     assert not torch.equal(before["model.norm.weight"], run.model.state_dict()["model.norm.weight"])
 
-    trainer, _ = build_trainer(make_config(chat_dataset, adapter=False, name="pre.toml"), ["dpo.precompute_ref_log_probs=true"])
+    trainer, _ = build_trainer(
+        make_config(chat_dataset, adapter=False, name="pre.toml"), ["dpo.precompute_ref_log_probs=true"]
+    )
     assert trainer.ref_model is None
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)

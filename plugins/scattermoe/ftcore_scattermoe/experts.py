@@ -22,10 +22,11 @@ from ftcore_scattermoe import ops
 from ftcore_scattermoe.routing import flatten_sort_count
 
 IMPLEMENTATION = "scattermoe"
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED = (
     "MoE models whose experts transformers dispatches through its ExpertsInterface "
     "(classes decorated with @use_experts_implementation: qwen3_moe, qwen3_5_moe, mixtral, olmoe, "
-    "qwen2_moe, gemma4, deepseek_v3, glm4_moe, ...), with unquantized 3-D expert weights and no "
+    "qwen2_moe, gemma4, gpt_oss, deepseek_v3, glm4_moe, ...), with unquantized 3-D expert weights and no "
     "expert parallelism"
 )
 
@@ -52,8 +53,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
         return "expert parallelism is enabled"
     for name in (_up_name(module), "down_proj"):
         weight = getattr(module, name, None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
-            return f"{name} is not a 3-D floating-point tensor (quantized experts are not supported)"
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.dtype not in COMPUTE_DTYPES:
+            return (
+                f"{name} is not a 3-D float32/bfloat16/float16 tensor (quantized experts are not supported)"
+            )
     return None
 
 

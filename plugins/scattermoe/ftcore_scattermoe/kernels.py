@@ -20,13 +20,11 @@ import triton.language as tl
 from ftcore_scattermoe.routing import Routing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMM_CONFIGS = [  # pruned to what fits this GPU's shared memory at 128 rows
+GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages); every one fits 128 rows of fp32 in H100 shared memory
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
-GROUP_M = 8  # row tiles that sweep the output columns together, for L2 reuse of x and W
 SMALL_N = 64  # outputs this narrow (the LoRA rank) use one fixed tile instead of autotuning
 autotune_enabled = True  # the [scattermoe] autotune option; off = GEMM_CONFIGS[0]
 
@@ -49,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _autotuned(fn):
-    """``fn`` autotuned over ``GEMM_CONFIGS``, keyed on the problem shape and dtypes, results cached on disk."""
+    """``fn`` autotuned over ``GEMM_CONFIGS``, keyed on the problem shape (and dtypes), results cached on disk."""
     if INTERPRET:
         return fn
     options = (
@@ -68,17 +66,13 @@ def _scatter2scatter_body(
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,
     scaling, scattered_idxs_ptr, block_expert_ptr, block_start_ptr, expert_ends_ptr,
-    num_tiles, fan_out, N, K, R,
-    X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, HAS_LORA: tl.constexpr,
+    N, K, R,
+    FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * n_tiles)) * GROUP_M
-    group_m = tl.minimum(num_tiles - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_tiles)) % group_m
-    pid_n = (pid % (GROUP_M * n_tiles)) // group_m
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -88,7 +82,7 @@ def _scatter2scatter_body(
     if X_GROUPED:
         x_rows = rows.to(tl.int64)
     else:
-        x_rows = tl.load(scattered_idxs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // fan_out
+        x_rows = tl.load(scattered_idxs_ptr + rows, mask=row_mask, other=0).to(tl.int64) // FAN_OUT
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -243,13 +237,13 @@ def scatter2scatter(
         lora_in, lora_in.stride(0), lora_in.stride(1),
         lora_b, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         float(scaling), routing.scattered_idxs, block_expert, block_start, routing.expert_ends,
-        block_expert.numel(), fan_out, n, k, r,
+        n, k, r,
     ]  # fmt: skip
     meta = dict(
-        X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_LORA=has_lora, BLOCK_M=block_m,
-        BLOCK_R=max(16, triton.next_power_of_2(r)), GROUP_M=GROUP_M, PRECISION=_precision(x.dtype),
+        FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_LORA=has_lora, BLOCK_M=block_m,
+        BLOCK_R=max(16, triton.next_power_of_2(r)), PRECISION=_precision(x.dtype),
     )  # fmt: skip
-    grid = lambda meta: (block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     if INTERPRET:
         _scatter2scatter_body[grid](*args, **meta, BLOCK_N=32, BLOCK_K=32)
     elif n > SMALL_N and autotune_enabled:
@@ -290,7 +284,7 @@ def grouped_weight_grad(
         out, out.stride(0), out.stride(1), out.stride(2),
         routing.scattered_idxs, routing.expert_ends, float(scaling), n, k,
         P_GROUPED=p_grouped, P_FAN_OUT=p_fan_out, Q_GROUPED=q_grouped, Q_FAN_OUT=q_fan_out,
-        BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(p.dtype),
+        BLOCK_M=32, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_precision(p.dtype),
         **({} if INTERPRET else {"num_warps": 8 if block_n * block_k >= 128 * 64 else 4, "num_stages": 3}),
     )  # fmt: skip
     return out

@@ -66,6 +66,12 @@ def test_quantized_or_expert_parallel_experts_are_refused():
     model.model.layers[1].mlp.experts._is_expert_parallel = True
     with pytest.raises(PluginError, match=r"layers\.1\.mlp\.experts .*expert parallelism"):
         experts.check_model(model)
+    model = tiny_model("qwen3_moe")
+    model.model.layers[0].mlp.experts.down_proj.data = model.model.layers[0].mlp.experts.down_proj.data.to(
+        torch.float8_e4m3fn
+    )
+    with pytest.raises(PluginError, match=r"down_proj is not a 3-D float32/bfloat16/float16 tensor"):
+        experts.check_model(model)
 
 
 def test_hooks_route_expert_lora_through_the_kernels(tmp_path):
@@ -96,6 +102,35 @@ def test_expert_lora_off_keeps_peft_path(tmp_path):
     plugins.hook.patch_model(config=config, model=model)
     plugins.hook.after_model_load(config=config, model=model)
     assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_non_gated_experts_match_eager():
+    """NemotronH experts: up_proj without a gate and a relu2 activation (run as the model defines it)."""
+    from transformers import AutoConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    experts.register()
+    config = AutoConfig.for_model(
+        "nemotron_h", hidden_size=32, moe_intermediate_size=48, n_routed_experts=4, mlp_hidden_act="relu2"
+    )
+    generator = torch.Generator().manual_seed(0)
+    module = NemotronHExperts(config)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    x = torch.randn(10, 32, generator=generator)
+    top_k = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=generator)
+    results = []
+    for implementation in ("eager", "scattermoe"):
+        config._experts_implementation = implementation
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = module(inputs, top_k, weights)
+        out.square().sum().backward()
+        results.append((out, inputs.grad, module.up_proj.grad.clone(), module.down_proj.grad.clone()))
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "gpt_oss"])
