@@ -148,7 +148,9 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_resume(tmp_pat
     full = losses(tmp_path / "fsdp")
     (tmp_path / "fsdp" / "model.safetensors").unlink()
     shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-000005")
-    resumed = ftcore_run(tmp_path / "fsdp.toml", "--resume", "--nproc", "2", "--set", "distributed.strategy=fsdp2")
+    resumed = ftcore_run(
+        tmp_path / "fsdp.toml", "--resume", "--nproc", "2", "--set", "distributed.strategy=fsdp2"
+    )
     assert "resuming from" in resumed.stdout and "step-000003" in resumed.stdout
     assert losses(tmp_path / "fsdp") == pytest.approx(full, rel=1e-4)
     assert (tmp_path / "fsdp" / "model.safetensors").is_file()

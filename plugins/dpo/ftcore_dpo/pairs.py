@@ -196,7 +196,11 @@ def prepare_pairs(config, plugins, tokenizer) -> PairData:
         pair_tokenizer = PairTokenizer(config, tokenizer)
         train, evaluation = load_rows(config, plugins, ("preference",), transform=pair_tokenizer)
         if not len(train):
-            raise DataError(f"no pair is left to train on ({pair_tokenizer.counts})")
+            counts = "; ".join(f"{c['source']}: {counts_text(c)}" for c in pair_tokenizer.counts)
+            raise DataError(
+                f"no pair is left to train on ({counts}): raise train.sequence_len (or dpo.max_prompt_length), "
+                'or set excess_length = "truncate" to keep pairs whose completions are too long'
+            )
         stats = {
             "pairs": len(train),
             "eval_pairs": len(evaluation) if evaluation is not None else 0,
@@ -240,9 +244,12 @@ def preview_lines(tokenizer, data: PairData, n: int, *, color: bool = False) -> 
         f"data fingerprint {data.fingerprint} (cache {stats['cache']}: {stats['cache_dir']})",
         f"pairs            {stats['pairs']:,} (eval {stats['eval_pairs']:,})",
     ]
-    for source in stats["sources"]:
-        counts = ", ".join(
-            f"{key.replace('_', ' ')} {value:,}" for key, value in source.items() if key != "source" and value
-        )
-        lines.append(f"  {source['source']}: {counts}")
+    lines += [f"  {source['source']}: {counts_text(source)}" for source in stats["sources"]]
     return lines
+
+
+def counts_text(counts: dict[str, Any]) -> str:
+    """ "kept 48, dropped long prompt 264" from one source's counts (zeros left out)."""
+    return ", ".join(
+        f"{key.replace('_', ' ')} {value:,}" for key, value in counts.items() if key != "source" and value
+    )

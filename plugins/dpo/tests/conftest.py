@@ -45,19 +45,21 @@ def chat_pairs_file(tmp_path) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path):
-    """Write run.toml for stories260K with the given [[datasets]] and extra tables; return its path."""
+    """Write a config for stories260K with the given [[datasets]] and extra tables; return its path."""
 
     def make(
-        datasets: str, *, train: str = "", extra: str = "", adapter: bool = True, name: str = "run.toml"
-    ) -> Path:
+        datasets: str, *, train: str = "", extra: str = "", adapter=True, chat_template=True, name="run.toml"
+    ):
+        model = f'base = "{stories_model()}"\ndtype = "float32"\n' + (
+            'chat_template = "chatml"\n' if chat_template else ""
+        )
+        lora = "[adapter]\nr = 8\nalpha = 16" if adapter else ""
         path = tmp_path / name
         path.write_text(f"""
 plugins = ["dpo"]
 [model]
-base = "{stories_model()}"
-dtype = "float32"
-chat_template = "chatml"
-{"[adapter]" + chr(10) + "r = 8" + chr(10) + "alpha = 16" if adapter else ""}
+{model}
+{lora}
 {datasets}
 [data]
 cache_dir = "{tmp_path / "cache"}"

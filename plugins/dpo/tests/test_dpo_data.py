@@ -7,7 +7,7 @@ import types
 
 import pytest
 from ftcore.config import load_config
-from ftcore.errors import DataError
+from ftcore.errors import ConfigError, DataError
 from ftcore.model import load_tokenizer
 from ftcore_dpo.formats import HHRLHF, Preference
 from ftcore_dpo.pairs import Limits, fit_pair, prepare_pairs, tokenize_pair
@@ -158,6 +158,22 @@ def test_raise_names_the_file_and_line(make_config, hh_dataset):
         DataError, match=r"harmless_base_test_first2000\.jsonl, row \d+: .*(prompt alone|over the limit)"
     ):
         prepare_pairs(config, plugins, load_tokenizer(config))
+
+
+def test_nothing_left_to_train_on_says_what_to_change(make_config, hh_dataset):
+    config, plugins = load_config(make_config(hh_dataset("train[:20]")), ["train.sequence_len=16"])
+    with pytest.raises(
+        DataError,
+        match=r"no pair is left to train on \(.*harmless.*: dropped long prompt 20\): raise train.sequence_len",
+    ):
+        prepare_pairs(config, plugins, load_tokenizer(config))
+
+
+def test_message_pairs_need_a_chat_template(make_config, chat_dataset):
+    config, plugins = load_config(make_config(chat_dataset, chat_template=False))
+    with pytest.raises(ConfigError, match="holds message lists, which need a chat template") as caught:
+        prepare_pairs(config, plugins, load_tokenizer(config))
+    assert caught.value.key == "model.chat_template"
 
 
 def test_cache_hit_and_fingerprint_follow_the_token_settings(make_config, chat_dataset):
