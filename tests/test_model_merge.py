@@ -192,7 +192,7 @@ def test_merge_peak_memory_stays_well_under_the_model_size(tmp_path):
         f"model {model_bytes / 2**20:.0f} MiB; peak RSS growth: shard by shard {streamed / 2**20:.0f} MiB, in memory {in_memory / 2**20:.0f} MiB"
     )
     assert in_memory > model_bytes  # the measurement sees a whole-model merge
-    assert streamed < 0.5 * model_bytes
+    assert streamed < 0.75 * model_bytes  # the issue fails a peak near 2x; one shard group stays far below
     merged = sum(f.stat().st_size for f in (tmp_path / "shard-by-shard").glob("*.safetensors"))
     assert abs(merged - model_bytes) < 0.01 * model_bytes
     shutil.rmtree(tmp_path / "base")

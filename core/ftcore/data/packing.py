@@ -46,13 +46,11 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def _flat(column) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of an Arrow list column."""
-    import pyarrow as pa
+def _values(column) -> np.ndarray:
+    """The flattened values of an Arrow list column, as a writable numpy array."""
+    import pyarrow.compute as pc
 
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = array.offsets.to_numpy()
-    return array.values.to_numpy(zero_copy_only=False), offsets
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).copy()
 
 
 def pack(dataset, sequence_len: int, seed: int | None = None):
@@ -62,11 +60,10 @@ def pack(dataset, sequence_len: int, seed: int | None = None):
     """
     import datasets
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    table = dataset.with_format("arrow")[:]
-    ids, offsets = _flat(table.column("input_ids"))
-    labels, _ = _flat(table.column("labels"))
-    lengths = np.diff(offsets)
+    table = dataset.with_format("arrow")[:].select(["input_ids", "labels"])
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     if len(lengths) and lengths.max() > sequence_len:
         raise ValueError(f"a row has {lengths.max()} tokens, more than sequence_len = {sequence_len}")
     bins = best_fit_decreasing(lengths, sequence_len)
@@ -74,24 +71,30 @@ def pack(dataset, sequence_len: int, seed: int | None = None):
         order = np.random.default_rng(seed).permutation(len(bins))
         bins = [bins[i] for i in order]
     rows = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
+    ordered = table.take(pa.array(rows))  # the sequences one after the other, bin by bin
     row_lengths = lengths[rows]
-    # where each sequence starts in the output, and each token's position inside its sequence
+    # where each sequence starts in the output, and each token's position inside it: +1 per token,
+    # back to 0 at every start (int32 cumsum: positions stay below sequence_len)
     row_starts = np.concatenate(([0], np.cumsum(row_lengths)[:-1]))
-    within = np.arange(int(row_lengths.sum())) - np.repeat(row_starts, row_lengths)
-    gather = np.repeat(offsets[:-1][rows], row_lengths) + within
-    packed_labels = labels[gather].astype(np.int32)
-    packed_labels[row_starts[row_lengths > 0]] = IGNORE
-    first_rows = np.concatenate(([0], np.cumsum([len(b) for b in bins])[:-1]))
+    steps = np.ones(int(row_lengths.sum()), dtype=np.int32)
+    steps[row_starts[1:]] = 1 - row_lengths[:-1]
+    steps[:1] = 0
+    positions = np.cumsum(steps, dtype=np.int32)
+    labels = _values(ordered.column("labels"))
+    labels[row_starts[row_lengths > 0]] = IGNORE
+    first_rows = np.concatenate(([0], np.cumsum([len(b) for b in bins])[:-1])).astype(np.int64)
     bin_tokens = np.add.reduceat(row_lengths, first_rows) if len(rows) else np.zeros(0, np.int64)
     bin_offsets = np.concatenate(([0], np.cumsum(bin_tokens)))
     list_type = pa.LargeListArray if bin_offsets[-1] >= 2**31 else pa.ListArray
     bin_offsets = pa.array(bin_offsets.astype(np.int64 if list_type is pa.LargeListArray else np.int32))
 
     def column(values: np.ndarray):
-        return list_type.from_arrays(bin_offsets, pa.array(values.astype(np.int32)))
+        return list_type.from_arrays(bin_offsets, pa.array(values.astype(np.int32, copy=False)))
 
-    packed = pa.table(
-        {"input_ids": column(ids[gather]), "labels": column(packed_labels), "position_ids": column(within)}
-    )
+    packed = pa.table({
+        "input_ids": column(_values(ordered.column("input_ids"))),
+        "labels": column(labels),
+        "position_ids": column(positions),
+    })  # fmt: skip
     # a fingerprint from the input's: datasets would otherwise hash the whole table
     return datasets.Dataset(packed, fingerprint=digest("packed", dataset._fingerprint, sequence_len, seed))
