@@ -22,11 +22,6 @@ def validate_config(config):
             "remove [adapter] to train the whole model",
             key="adapter",
         )
-    if adapter.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(
-            'kind = "qlora" needs bitsandbytes and a CUDA GPU (pip install bitsandbytes); or use kind = "lora"',
-            key="adapter.kind",
-        )
     if adapter.target_parameters and (adapter.dropout or adapter.kind == "dora"):
         raise ConfigError(
             'target_parameters (LoRA on 3-D parameters) works with neither dropout > 0 nor kind = "dora" in peft; '
