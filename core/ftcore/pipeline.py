@@ -7,6 +7,7 @@ checks -> train -> final save in HF format -> after_train.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -61,10 +62,11 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
     method_name = config.train.method
     method_cls = plugins.registry("method").get(method_name)
     check_row_schemas(config, plugins, method_name, method_cls.row_schemas)
-    prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        for path in remove_incomplete(output_dir):
-            print(f"ftcore: removed incomplete checkpoint {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one process guards, overwrites and cleans output_dir
+        prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            for path in remove_incomplete(output_dir):
+                print(f"ftcore: removed incomplete checkpoint {path}")
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if resume and checkpoint is None:
         print(f"ftcore: no complete checkpoint in {output_dir}; starting from the beginning")
@@ -88,9 +90,8 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
         print(f"ftcore: stopped by signal {stop.received}; continue with: ftcore run CONFIG --resume")
     else:
         trainer.save_model(str(output_dir))
-        (output_dir / "training_args.bin").unlink(
-            missing_ok=True
-        )  # a pickle; config.resolved.toml says it all
+        # training_args.bin is a pickle; config.resolved.toml says what ran
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
     result = RunResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
