@@ -83,3 +83,24 @@ def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(tiny_config(architecture, **overrides), dtype=torch.float32)
+
+
+def random_batch(vocab_size: int, *, packed: bool, device: str = "cpu", seed: int = 0) -> dict:
+    """Two 256-token rows of random ids with the first 32 labels ignored.
+
+    ``packed`` adds ``position_ids`` for three sequences a row (100, 80 and 76 tokens) and ignores
+    the label of each sequence's first token, as ftcore's packing does.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (2, 256), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :32] = -100
+    batch = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        batch["position_ids"] = torch.cat([torch.arange(100), torch.arange(80), torch.arange(76)]).repeat(
+            2, 1
+        )
+        labels[:, [100, 180]] = -100
+    return {key: value.to(device) for key, value in batch.items()}

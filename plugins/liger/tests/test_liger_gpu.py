@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 from ftcore.config import validate_config
-from ftcore.testing import tiny_model
+from ftcore.testing import random_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 IGNORE_INDEX = -100
@@ -32,20 +32,6 @@ def restore_transformers():
     for module, attributes in saved.items():
         for name, value in attributes.items():
             setattr(module, name, value)
-
-
-def make_batch(packed: bool):
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, SHAPE["vocab_size"], (2, 256), generator=generator)
-    labels = input_ids.clone()
-    labels[:, :32] = IGNORE_INDEX
-    batch = {"input_ids": input_ids, "labels": labels}
-    if packed:  # three sequences a row; the first token of each is not a target of the one before
-        batch["position_ids"] = torch.cat([torch.arange(100), torch.arange(80), torch.arange(76)]).repeat(
-            2, 1
-        )
-        labels[:, [100, 180]] = IGNORE_INDEX
-    return {key: value.cuda() for key, value in batch.items()}
 
 
 def loss_and_grads(model, batch, num_items):
@@ -74,7 +60,7 @@ def test_bf16_loss_and_grads_match_stock_model(architecture, variant, restore_tr
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter, std=0.02)
-    batch = make_batch(packed=variant == "packed")
+    batch = random_batch(SHAPE["vocab_size"], packed=variant == "packed", device="cuda")
     num_items = 2 * int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # 2 accumulated micro-batches
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     ref_loss, ref_grads = loss_and_grads(model, batch, num_items)  # fp32, stock
