@@ -262,3 +262,12 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
     assert "config changed" in proc.stderr and "--force" in proc.stderr
     proc = ftcore("run", str(path), "--resume", "--force", "--set", "train.learning_rate=0.1")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_missing_dataset_file_is_reported_before_the_model_loads(tmp_path):
+    path = alpaca_config(tmp_path)
+    path.write_text(path.read_text().replace("alpaca_2000.jsonl", "missing.jsonl"))
+    proc = ftcore("run", str(path))
+    assert proc.returncode == 2
+    assert "datasets.0.path" in proc.stderr and "missing.jsonl: no such file" in proc.stderr
+    assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr

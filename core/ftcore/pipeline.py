@@ -27,8 +27,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def check_row_schemas(config, plugins, method_name: str, accepted: tuple[str, ...]) -> None:
-    """Every dataset's format must produce a row schema the method accepts."""
+def check_datasets(config, plugins, method_name: str, accepted: tuple[str, ...]) -> None:
+    """Before any model loads: every dataset's format gives rows the method accepts, and local files exist."""
     formats = plugins.registry("format")
     for index, dataset in enumerate(config.datasets):
         schema = formats.get(dataset.format).schema
@@ -38,6 +38,12 @@ def check_row_schemas(config, plugins, method_name: str, accepted: tuple[str, ..
                 f"{', '.join(accepted)}",
                 file=config.source,
                 key=f"datasets.{index}.format",
+            )
+        if dataset.path and Path(dataset.path).is_absolute() and not Path(dataset.path).exists():
+            raise ConfigError(
+                f"{dataset.path}: no such file or folder (relative paths resolve from the config file's folder)",
+                file=config.source,
+                key=f"datasets.{index}.path",
             )
 
 
@@ -61,7 +67,7 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
     output_dir = Path(config.train.output_dir)
     method_name = config.train.method
     method_cls = plugins.registry("method").get(method_name)
-    check_row_schemas(config, plugins, method_name, method_cls.row_schemas)
+    check_datasets(config, plugins, method_name, method_cls.row_schemas)
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards, overwrites and cleans output_dir
         prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
         if resume:
