@@ -271,3 +271,13 @@ def test_a_missing_dataset_file_is_reported_before_the_model_loads(tmp_path):
     assert proc.returncode == 2
     assert "datasets.0.path" in proc.stderr and "missing.jsonl: no such file" in proc.stderr
     assert "Loading weights" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_split_logs_eval_rows_and_eval_steps_without_a_split_is_an_error(tmp_path):
+    path = alpaca_config(tmp_path, extra_train="max_steps = 4\neval_steps = 2")
+    proc = ftcore("validate", str(path))
+    assert proc.returncode == 2 and "train.eval_steps" in proc.stderr and "val_fraction" in proc.stderr
+    config, plugins = load_config(path, ["data.val_fraction=0.01"])
+    result = run_training(config, plugins)
+    eval_rows = [row for row in read_metrics(result.output_dir) if "eval_loss" in row]
+    assert [row["step"] for row in eval_rows] == [2, 4]

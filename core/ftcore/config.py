@@ -71,44 +71,101 @@ class Section(BaseModel):
 class ModelSection(Section):
     """``[model]``: what to load and how."""
 
-    base: PathOrHubId = Field(description="Hub id or local folder of the base model (or of its config for init='random').")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Weights dtype; auto = bf16 on GPUs that support it, else float32.")
-    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"] = Field("auto", description="Attention implementation; varlen = torch's variable-length flash attention over packed documents; auto = the fastest available (varlen for packed rows on a CUDA GPU, else sdpa).")
-    init: Literal["pretrained", "random"] = Field("pretrained", description="random builds the architecture from its config (training from scratch).")
-    chat_template: Annotated[str, AfterValidator(_resolve_template)] | None = Field(None, description="A template name (chatml, llama3), an inline Jinja template, or a path to a .jinja file.")
-    tokenizer: PathOrHubId | None = Field(None, description="A separate tokenizer path or hub id (default: base).")
-    pad_token: str | None = Field(None, description="Pad token (added when not in the vocabulary); default: the tokenizer's own, else eos.")
-    special_tokens: list[str] = Field(default_factory=list, description="Extra special tokens to add (embeddings resized and trained).")
+    base: PathOrHubId = Field(
+        description="Hub id or local folder of the base model (or of its config for init='random')."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype; auto = bf16 on GPUs that support it, else float32."
+    )
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "varlen"] = Field(
+        "auto",
+        description="Attention implementation; varlen = torch's variable-length flash attention over packed documents; auto = the fastest available (varlen for packed rows on a CUDA GPU, else sdpa).",
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random builds the architecture from its config (training from scratch)."
+    )
+    chat_template: Annotated[str, AfterValidator(_resolve_template)] | None = Field(
+        None,
+        description="A template name (chatml, llama3), an inline Jinja template, or a path to a .jinja file.",
+    )
+    tokenizer: PathOrHubId | None = Field(
+        None, description="A separate tokenizer path or hub id (default: base)."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="Pad token (added when not in the vocabulary); default: the tokenizer's own, else eos.",
+    )
+    special_tokens: list[str] = Field(
+        default_factory=list, description="Extra special tokens to add (embeddings resized and trained)."
+    )
     trust_remote_code: bool = Field(False, description="Run model code from the hub; off by default.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    use_reentrant: bool = Field(False, description="Reentrant gradient checkpointing (torch.utils.checkpoint).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    use_reentrant: bool = Field(
+        False, description="Reentrant gradient checkpointing (torch.utils.checkpoint)."
+    )
     compile: bool = Field(False, description="torch.compile the decoder layers (regional compilation).")
 
 
 class AdapterSection(Section):
     """``[adapter]``: parameter-efficient fine-tuning through peft (absent = full fine-tune)."""
 
-    kind: Literal["lora", "dora", "qlora"] = Field("lora", description="lora, dora, or qlora (4-bit base via bitsandbytes, CUDA only).")
+    kind: Literal["lora", "dora", "qlora"] = Field(
+        "lora", description="lora, dora, or qlora (4-bit base via bitsandbytes, CUDA only)."
+    )
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    targets: str | list[str] = Field("all-linear", description='"all-linear", a regex over whole module names, or a list of module names ([] with target_parameters: only those).')
-    target_parameters: list[str] = Field(default_factory=list, description="3-D parameters to adapt, e.g. experts.gate_up_proj.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full and saved with the adapter.")
-    init_from: LocalPath | None = Field(None, description="Start from this existing adapter folder (continued training).")
+    targets: str | list[str] = Field(
+        "all-linear",
+        description='"all-linear", a regex over whole module names, or a list of module names ([] with target_parameters: only those).',
+    )
+    target_parameters: list[str] = Field(
+        default_factory=list, description="3-D parameters to adapt, e.g. experts.gate_up_proj."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full and saved with the adapter."
+    )
+    init_from: LocalPath | None = Field(
+        None, description="Start from this existing adapter folder (continued training)."
+    )
 
 
 class DatasetSection(Section):
     """``[[datasets]]``: one source of rows."""
 
-    path: PathOrHubId | None = Field(None, description="A local file or folder (jsonl/json/parquet/csv/arrow, or a save_to_disk folder) or a hub dataset id; not used by generator formats (synthetic).")
-    format: str = Field("messages", description="Row format name: messages, sharegpt, alpaca, completion, prompt_completion, pretokenized, synthetic, or one a plugin registers.")
-    split: str = Field("train", description="Split to read (a local file has only train; slices such as train[:1000] work).")
-    fields: dict[str, str] = Field(default_factory=dict, description="Field mapping: the format's field name -> column name in the file, e.g. {instruction = \"question\"}.")
-    weight: float | None = Field(None, gt=0, description="Use weight x the rows of this dataset: 2 repeats every row twice, 0.5 samples half (default: every row once).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Format-specific options (see docs/data.md).")
-    excess_length: Literal["drop", "truncate", "raise", "split"] | None = Field(None, description="Rows longer than train.sequence_len: drop, truncate, raise, or split into windows (text and token rows); default: split for completion, drop otherwise.")
-    on_bad_rows: Literal["raise", "skip"] = Field("raise", description="raise: a DataError naming the file and row; skip: skip and count bad rows and empty files.")
+    path: PathOrHubId | None = Field(
+        None,
+        description="A local file or folder (jsonl/json/parquet/csv/arrow, or a save_to_disk folder) or a hub dataset id; not used by generator formats (synthetic).",
+    )
+    format: str = Field(
+        "messages",
+        description="Row format name: messages, sharegpt, alpaca, completion, prompt_completion, pretokenized, synthetic, or one a plugin registers.",
+    )
+    split: str = Field(
+        "train", description="Split to read (a local file has only train; slices such as train[:1000] work)."
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description='Field mapping: the format\'s field name -> column name in the file, e.g. {instruction = "question"}.',
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Use weight x the rows of this dataset: 2 repeats every row twice, 0.5 samples half (default: every row once).",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Format-specific options (see docs/data.md)."
+    )
+    excess_length: Literal["drop", "truncate", "raise", "split"] | None = Field(
+        None,
+        description="Rows longer than train.sequence_len: drop, truncate, raise, or split into windows (text and token rows); default: split for completion, drop otherwise.",
+    )
+    on_bad_rows: Literal["raise", "skip"] = Field(
+        "raise",
+        description="raise: a DataError naming the file and row; skip: skip and count bad rows and empty files.",
+    )
 
 
 class DataSection(Section):
@@ -117,58 +174,108 @@ class DataSection(Section):
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of rows held out for evaluation.")
     num_proc: int | None = Field(None, gt=0, description="Processes for tokenization (default: one).")
     shuffle: bool = Field(True, description="Shuffle rows with train.seed.")
-    train_on: list[Literal["system", "user", "assistant", "tool"]] = Field(default_factory=lambda: ["assistant"], description="Roles whose messages are trained (a message's own train flag wins).")
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables for the chat template, e.g. {enable_thinking = false}.")
-    cache_dir: LocalPath | None = Field(None, description="Where tokenized data is cached, one folder per data fingerprint (default: ~/.cache/ftcore/data).")
+    train_on: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=lambda: ["assistant"],
+        description="Roles whose messages are trained (a message's own train flag wins).",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables for the chat template, e.g. {enable_thinking = false}.",
+    )
+    cache_dir: LocalPath | None = Field(
+        None,
+        description="Where tokenized data is cached, one folder per data fingerprint (default: ~/.cache/ftcore/data).",
+    )
 
 
 class TrainSection(Section):
     """``[train]``: the method and its optimisation settings."""
 
-    method: str = Field("sft", description="Training method name (sft is built in; dpo, grpo... come from plugins).")
+    method: str = Field(
+        "sft", description="Training method name (sft is built in; dpo, grpo... come from plugins)."
+    )
     output_dir: LocalPath = Field(description="Where checkpoints, metrics and the final model go.")
-    sequence_len: int = Field(2048, gt=0, description="Maximum tokens per row (packed row length when packing).")
+    sequence_len: int = Field(
+        2048, gt=0, description="Maximum tokens per row (packed row length when packing)."
+    )
     packing: bool = Field(False, description="Bin-pack rows into sequence_len rows without cross-attention.")
     micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: only at the end).")
-    save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints (oldest pruned after a new one completes).")
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N steps (default: only at the end)."
+    )
+    save_total_limit: int | None = Field(
+        None, gt=0, description="Keep at most N checkpoints (oldest pruned after a new one completes)."
+    )
     logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs an eval split).")
     seed: int = Field(42, description="Seed for init, shuffling and dropout.")
-    optimizer: str = Field("adamw_torch_fused", description="An HF Trainer optimizer name (adamw_torch_fused: one fused kernel for all parameters; adamw_torch, adamw_8bit, ...).")
-    scheduler: str = Field("cosine", description="An HF scheduler name (linear, cosine, constant_with_warmup, ...).")
+    optimizer: str = Field(
+        "adamw_torch_fused",
+        description="An HF Trainer optimizer name (adamw_torch_fused: one fused kernel for all parameters; adamw_torch, adamw_8bit, ...).",
+    )
+    scheduler: str = Field(
+        "cosine", description="An HF scheduler name (linear, cosine, constant_with_warmup, ...)."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Mixed precision; auto = bf16 where supported, else fp32.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Optional trackers; none by default (no telemetry).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision; auto = bf16 where supported, else fp32."
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Optional trackers; none by default (no telemetry)."
+    )
 
 
 class DistributedSection(Section):
     """``[distributed]``: how ``ftcore run --nproc N`` trains on several GPUs (through torchrun)."""
 
-    strategy: Literal["ddp", "fsdp2"] = Field("ddp", description="ddp: a full model copy per GPU; fsdp2: parameters, gradients and optimizer state sharded across GPUs.")
-    find_unused_parameters: bool = Field(False, description="DDP: allow parameters without gradients in a step (slower; some MoE models need it).")
-    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after the forward (less memory, one more all-gather in backward).")
+    strategy: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="ddp: a full model copy per GPU; fsdp2: parameters, gradients and optimizer state sharded across GPUs.",
+    )
+    find_unused_parameters: bool = Field(
+        False,
+        description="DDP: allow parameters without gradients in a step (slower; some MoE models need it).",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP2: free gathered parameters after the forward (less memory, one more all-gather in backward).",
+    )
     nnodes: int = Field(1, gt=0, description="Nodes in the job; 1 = this machine (torchrun --standalone).")
-    node_rank: int = Field(0, ge=0, description="This node's index (multi-node; passed to torchrun --node-rank).")
-    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node; torchrun --master-addr).")
-    master_port: int = Field(29500, gt=0, lt=65536, description="Port on node 0 (multi-node; torchrun --master-port).")
+    node_rank: int = Field(
+        0, ge=0, description="This node's index (multi-node; passed to torchrun --node-rank)."
+    )
+    master_addr: str = Field(
+        "127.0.0.1", description="Address of node 0 (multi-node; torchrun --master-addr)."
+    )
+    master_port: int = Field(
+        29500, gt=0, lt=65536, description="Port on node 0 (multi-node; torchrun --master-port)."
+    )
 
 
-CORE_TABLES = {"model": ModelSection, "adapter": AdapterSection, "datasets": DatasetSection, "data": DataSection, "train": TrainSection, "distributed": DistributedSection}
+CORE_TABLES = {
+    "model": ModelSection,
+    "adapter": AdapterSection,
+    "datasets": DatasetSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "distributed": DistributedSection,
+}
 
 
 class ConfigBase(BaseModel):
     """The validated config of a run; plugin tables are attributes named after the plugin."""
 
     model_config = ConfigDict(extra="forbid")
-    plugins: list[str] = Field(default_factory=list, description="Plugins to enable, by entry-point name or dotted module path.")
+    plugins: list[str] = Field(
+        default_factory=list, description="Plugins to enable, by entry-point name or dotted module path."
+    )
     model: ModelSection
     adapter: AdapterSection | None = Field(None, description="Absent: full fine-tune.")
     datasets: list[DatasetSection] = Field(default_factory=list)
@@ -258,7 +365,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             here = ".".join(parts[: i + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) > len(node):
-                    raise ConfigError(f"--set: {part!r} is not an index of this {len(node)}-item array", key=here)
+                    raise ConfigError(
+                        f"--set: {part!r} is not an index of this {len(node)}-item array", key=here
+                    )
                 part = int(part)
                 if part == len(node):
                     node.append({})
@@ -295,12 +404,21 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
     config._source = source
     try:
         _check_registered_names(config, plugins)
+        _check_eval(config)
         plugins.hook.validate_config(config=config)
     except ConfigError as exc:
         if exc.file is None and source:
             raise ConfigError(exc.message, file=source, key=exc.key) from None
         raise
     return config, plugins
+
+
+def _check_eval(config: ConfigBase) -> None:
+    if config.train.eval_steps and not config.data.val_fraction:
+        raise ConfigError(
+            "eval_steps needs an eval split: set data.val_fraction (e.g. 0.05), or remove eval_steps",
+            key="train.eval_steps",
+        )
 
 
 def _check_registered_names(config: ConfigBase, plugins: Plugins) -> None:
@@ -379,11 +497,18 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         annotation = _unwrap(annotation)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or part not in annotation.model_fields:
+        if (
+            not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+            or part not in annotation.model_fields
+        ):
             return []
         annotation = annotation.model_fields[part].annotation
     annotation = _unwrap(annotation)
-    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    return (
+        list(annotation.model_fields)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        else []
+    )
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -414,7 +539,9 @@ def config_reference(model: type[ConfigBase], only: str | None = None) -> str:
         "installed when it ran; do not edit by hand. Relative paths resolve from the config file's folder.",
         "",
     ]
-    top = {name: field for name, field in model.model_fields.items() if _table_model(field.annotation) is None}
+    top = {
+        name: field for name, field in model.model_fields.items() if _table_model(field.annotation) is None
+    }
     if only is None:
         lines += ["## Top level", "", *_key_table(top)]
     for name, field in model.model_fields.items():
