@@ -102,7 +102,7 @@ def test_empty_files_raise_or_are_skipped(tmp_path):
         prepare(tmp_path, {"path": str(folder), "format": "alpaca", "on_bad_rows": "skip"}).stats["sequences"]
         == 3
     )
-    with pytest.raises(DataError, match="no such file or folder"):
+    with pytest.raises(ConfigError, match=r"datasets\.0\.path: .*missing\.jsonl: no such file or folder"):
         prepare(tmp_path, {"path": str(tmp_path / "missing.jsonl"), "format": "alpaca"})
 
 

@@ -27,26 +27,6 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> No
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def check_datasets(config, plugins, method_name: str, accepted: tuple[str, ...]) -> None:
-    """Before any model loads: every dataset's format gives rows the method accepts, and local files exist."""
-    formats = plugins.registry("format")
-    for index, dataset in enumerate(config.datasets):
-        schema = formats.get(dataset.format).schema
-        if schema not in accepted:
-            raise ConfigError(
-                f'format "{dataset.format}" gives {schema} rows, but method "{method_name}" accepts '
-                f"{', '.join(accepted)}",
-                file=config.source,
-                key=f"datasets.{index}.format",
-            )
-        if dataset.path and Path(dataset.path).is_absolute() and not Path(dataset.path).exists():
-            raise ConfigError(
-                f"{dataset.path}: no such file or folder (relative paths resolve from the config file's folder)",
-                file=config.source,
-                key=f"datasets.{index}.path",
-            )
-
-
 def run_training(config, plugins, *, resume: bool = False, overwrite: bool = False, force: bool = False):
     """Train per ``config``; returns a ``RunResult``."""
     from transformers import set_seed
@@ -59,15 +39,17 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
         remove_incomplete,
         restore_plugin_state,
     )
+    from ftcore.data.prepare import dataset_specs
     from ftcore.methods import Run, RunResult
     from ftcore.model import load_model_and_tokenizer
     from ftcore.train import run_callbacks
 
     hf_logging.set_verbosity_warning()
     output_dir = Path(config.train.output_dir)
-    method_name = config.train.method
-    method_cls = plugins.registry("method").get(method_name)
-    check_datasets(config, plugins, method_name, method_cls.row_schemas)
+    method_cls = plugins.registry("method").get(config.train.method)
+    dataset_specs(
+        config, plugins, method_cls.row_schemas
+    )  # formats, options and files, before the model loads
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards, overwrites and cleans output_dir
         prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
         if resume:

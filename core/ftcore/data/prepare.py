@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,6 +74,12 @@ def dataset_specs(config: Config, plugins: Plugins, schemas: tuple[str, ...]) ->
         if format_class.needs_path and not section.path:
             raise ConfigError(
                 f"format {section.format!r} reads a file: set path", file=config.source, key=f"{key}.path"
+            )
+        if section.path and Path(section.path).is_absolute() and not Path(section.path).exists():
+            raise ConfigError(
+                f"{section.path}: no such file or folder (relative paths resolve from the config file's folder)",
+                file=config.source,
+                key=f"{key}.path",
             )
         known = (*format_class.fields, *format_class.optional_fields)
         for name in section.fields:
