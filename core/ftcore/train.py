@@ -55,6 +55,8 @@ def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str,
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        # the model loader already set checkpointing up (before adapters); stated here too so a TRL
+        # config's own default (TRL turns it on) never overrides [model] gradient_checkpointing
         activation_checkpointing=config.model.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
         dataloader_pin_memory=torch.cuda.is_available(),
