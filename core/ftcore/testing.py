@@ -46,21 +46,35 @@ def stories_model() -> Path:
     return asset("models/stories260K-hf")
 
 
+TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+"""The shape of the tiny test models (any architecture's config accepts these keys)."""
+
+KERNEL_TEST_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
+"""A small model shape for GPU kernel tests (liger, cce): big enough for real tiles."""
+
+
 def tiny_config(architecture: str = "llama", **overrides):
     """A tiny random-init config of a real architecture: llama, qwen3, qwen3_moe, mixtral."""
     from transformers import AutoConfig
 
-    common = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
     extra = {
         "llama": {},
         "qwen3": {},
@@ -73,7 +87,7 @@ def tiny_config(architecture: str = "llama", **overrides):
         ),
         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     }[architecture]
-    return AutoConfig.for_model(architecture, **{**common, **extra, **overrides})
+    return AutoConfig.for_model(architecture, **{**TINY_SHAPE, **extra, **overrides})
 
 
 def tiny_model(architecture: str = "llama", seed: int = 0, **overrides):

@@ -12,19 +12,11 @@ import copy
 import pytest
 import torch
 from ftcore.config import validate_config
-from ftcore.testing import random_batch, tiny_model
+from ftcore.testing import KERNEL_TEST_SHAPE, random_batch, tiny_model
 
 pytestmark = pytest.mark.gpu
 IGNORE_INDEX = -100
-SHAPE = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=704,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-)
+SHAPE = KERNEL_TEST_SHAPE
 
 
 def backward(model, loss):

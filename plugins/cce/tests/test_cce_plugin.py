@@ -10,18 +10,12 @@ import torch
 from ftcore.config import validate_config
 from ftcore.errors import ConfigError, PluginError
 from ftcore.plugins import Plugins
-from ftcore.testing import tiny_model
+from ftcore.testing import TINY_SHAPE, tiny_model
 
 IGNORE_INDEX = -100
-TINY_TEXT = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+TINY_TEXT = {
+    k: v for k, v in TINY_SHAPE.items() if k not in ("max_position_embeddings", "tie_word_embeddings")
+}
 
 
 def cce_config(**cce):
