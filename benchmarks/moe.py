@@ -135,6 +135,38 @@ def run_case(experts, name: str, tokens: int, rank: int | None, rep_ms: int) -> 
     return rows
 
 
+def profile_kernels(args) -> None:
+    """Kernel-level GPU time of scattermoe's forward+backward with expert LoRA, per model and token count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = []
+    for name in args.models:
+        experts = build_experts(name)
+        experts.requires_grad_(False)
+        layer = with_lora(experts, args.ranks[0])
+        experts.config._experts_implementation = "scattermoe"
+        _, _, num_experts, hidden, _, top_k = MODELS[name]
+        for tokens in args.tokens:
+            x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            logits = torch.randn(tokens, num_experts, device="cuda")
+            weights, index = logits.softmax(-1).topk(top_k, dim=-1)
+            weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+            for _ in range(3):  # compile and autotune first
+                layer.experts(x, index, weights).sum().backward()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    layer.experts(x, index, weights).sum().backward()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            tables.append(f"## {name}, {tokens} tokens, lora r={args.ranks[0]}, 5 forward+backward\n{table}")
+        del experts, layer
+        torch.cuda.empty_cache()
+    with open(args.profile, "w") as handle:
+        handle.write("\n\n".join(tables))
+    print("\n\n".join(tables))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -145,6 +177,12 @@ def main() -> None:
     )
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench time per measurement")
     parser.add_argument("--json", help="also append every row to this JSON-lines file")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="instead of the table: torch.profiler kernel table of scattermoe forward+backward for each "
+        "(model, tokens, first rank), written to FILE",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/moe.py needs a CUDA GPU")
@@ -155,6 +193,9 @@ def main() -> None:
     register()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"transformers {transformers.__version__}, bf16")  # fmt: skip
+    if args.profile:
+        profile_kernels(args)
+        return
     print(
         "| model | tokens | adapter | impl | fwd ms | fwd+bwd ms | peak MiB | x eager | x grouped_mm | rel err y / dx |"
     )

@@ -1,6 +1,6 @@
 """SFT throughput: ftcore against TRL's SFTTrainer on the same GPU, data, shapes and tokens per step.
 
-    python benchmarks/sft_throughput.py          # Llama-3.2-1B: TRL defaults, TRL's best, ftcore default and best
+    python benchmarks/sft_throughput.py          # Llama-3.2-1B: TRL defaults (as shipped, and padded to equal tokens), TRL best, ftcore default and best
     python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-packed-liger-flex,ftcore-liger-compile
     python benchmarks/sft_throughput.py --configs all   # every TRL and ftcore configuration
     python benchmarks/sft_throughput.py --list          # the models and configurations
@@ -60,34 +60,42 @@ MODELS = {
 }  # fmt: skip
 DEFAULT_MODELS = ("llama-1b",)
 
-# TRL configurations: (packed, liger, attention). Padded = TRL's defaults (max_length 1024, padding).
+# TRL configurations: (packed, liger, attention, micro-batch). Padded rows use TRL's default
+# max_length 1024. "trl-defaults" is SFTConfig as shipped (micro-batch 8); the others hold the
+# tokens per step at about TOKENS_PER_STEP (micro-batch None: as many padded rows as that takes).
 TRL = {
-    "trl-padded": (False, False, "sdpa"),
-    "trl-packed": (True, False, "sdpa"),
-    "trl-packed-liger": (True, True, "sdpa"),
-    "trl-packed-flex": (True, False, "flex_attention"),
-    "trl-packed-liger-flex": (True, True, "flex_attention"),
+    "trl-defaults": (False, False, "sdpa", 8),
+    "trl-padded": (False, False, "sdpa", None),
+    "trl-packed": (True, False, "sdpa", None),
+    "trl-packed-liger": (True, True, "sdpa", None),
+    "trl-packed-flex": (True, False, "flex_attention", None),
+    "trl-packed-liger-flex": (True, True, "flex_attention", None),
 }
 PEER_BEST = "trl-packed-liger-flex"
-PEER_DEFAULT = "trl-padded"
+PEER_DEFAULT = "trl-defaults"
 
 # ftcore configurations: config overrides on top of a packed SFT config with no tuning keys.
+LIGER_LOSS_ONLY = {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True}
+
+
+def liger_compile(every_n_layers: int | None = None) -> dict:
+    """Liger's fused linear cross-entropy, compiled decoder layers, optionally every n-th layer checkpointed."""
+    model = {"compile": True}
+    if every_n_layers:
+        model |= {"gradient_checkpointing": True, "checkpoint_every_n_layers": every_n_layers}
+    return {"plugins": ["liger"], "liger": LIGER_LOSS_ONLY, "model": model}
+
+
 FTCORE = {
     "ftcore-default": {},
     "ftcore-liger": {"plugins": ["liger"]},
     "ftcore-cce-compile": {"plugins": ["cce"], "model": {"compile": True}},
-    "ftcore-liger-compile": {
-        "plugins": ["liger"],
-        "liger": {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True},
-        "model": {"compile": True},
-    },
-    "ftcore-liger-compile-ckpt": {
-        "plugins": ["liger"],
-        "liger": {"rms_norm": False, "rope": False, "swiglu": False, "fused_linear_cross_entropy": True},
-        "model": {"compile": True, "gradient_checkpointing": True},
-    },
+    "ftcore-liger-compile": liger_compile(),
+    "ftcore-liger-compile-ckpt": liger_compile(every_n_layers=1),
+    "ftcore-liger-compile-ckpt2": liger_compile(every_n_layers=2),
+    "ftcore-liger-compile-ckpt4": liger_compile(every_n_layers=4),
 }
-DEFAULT_CONFIGS = ("trl-padded", PEER_BEST, "ftcore-default", "ftcore-liger-compile")
+DEFAULT_CONFIGS = (PEER_DEFAULT, "trl-padded", PEER_BEST, "ftcore-default", "ftcore-liger-compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,13 +231,13 @@ def run_trl(name: str, model_dir: Path, work: Path, args, callback, info: dict) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    packed, liger, attention = TRL[name]
+    packed, liger, attention, micro_batch = TRL[name]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(PAD_ID)
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
     max_length = TOKENS_PER_STEP if packed else 1024  # 1024: TRL's default max_length
     mean = sum(min(len(r["input_ids"]), max_length) for r in rows) / len(rows)
-    batch_size = 1 if packed else max(1, round(TOKENS_PER_STEP / mean))
+    batch_size = micro_batch or (1 if packed else max(1, round(TOKENS_PER_STEP / mean)))
     info.update(micro_batch=batch_size, max_length=max_length)
     torch.manual_seed(0)  # float32 weights under bf16 autocast, as TRL trains a model it is handed
     model = AutoModelForCausalLM.from_config(
@@ -332,6 +340,15 @@ def report(results: list[dict], info: dict) -> str:
                         f"- {r['config']} vs {PEER_BEST}: {r['tokens_per_second'] / best['tokens_per_second']:.2f}x "
                         f"tokens/s, {r['peak_allocated_gib'] / best['peak_allocated_gib']:.2f}x peak memory"
                     )
+        default = next(
+            (r for r in rows if r["config"] == "ftcore-default" and "tokens_per_second" in r), None
+        )
+        for peer in (PEER_DEFAULT, "trl-padded"):
+            if default and peer in trl:
+                lines.append(
+                    f"- ftcore-default vs {peer}: {default['tokens_per_second'] / trl[peer]['tokens_per_second']:.2f}x "
+                    f"tokens/s (median step), {default['mean_tokens_per_second'] / trl[peer]['mean_tokens_per_second']:.2f}x (mean)"
+                )
     return "\n".join(lines)
 
 

@@ -113,7 +113,8 @@ def losses(output_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(output_dir) if "loss" in row]
 
 
-def check_two_processes_match_one(tmp_path: Path, tolerance: float) -> None:
+def check_two_processes_match_one(tmp_path: Path, tolerance: float) -> subprocess.CompletedProcess:
+    """Runs 1 process (micro-batch 2) and 2 processes (micro-batch 1) under DDP and FSDP2; returns the first."""
     one = ftcore_run(write_run(tmp_path, "one", micro_batch_size=2))
     ddp = ftcore_run(write_run(tmp_path, "ddp", micro_batch_size=1), "--nproc", "2")
     fsdp = ftcore_run(
@@ -140,6 +141,7 @@ def check_two_processes_match_one(tmp_path: Path, tolerance: float) -> None:
     assert (tmp_path / "fsdp" / "checkpoints" / "step-000003" / "COMPLETE").is_file()
     state = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000003" / "ftcore_state.json").read_text())
     assert state["world_size"] == 2
+    return one
 
 
 @pytest.mark.slow
@@ -159,4 +161,5 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_resume(tmp_pat
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ddp_and_fsdp2_on_two_gpus_match_one_gpu(tmp_path):
-    check_two_processes_match_one(tmp_path, tolerance=2e-3)
+    one = check_two_processes_match_one(tmp_path, tolerance=2e-3)
+    assert "this process trains on one" in one.stdout  # no DataParallel over the visible GPUs

@@ -48,7 +48,9 @@ def test_quickstart_answers_heldout_additions(tmp_path):
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
 def test_example_configs_validate(example):
     proc = subprocess.run(
-        [sys.executable, "-m", "ftcore.cli", "validate", str(EXAMPLES / example)], capture_output=True, text=True
+        [sys.executable, "-m", "ftcore.cli", "validate", str(EXAMPLES / example)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "[train]" in proc.stdout

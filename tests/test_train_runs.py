@@ -141,6 +141,28 @@ def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path):
     assert max(first_losses) - min(first_losses) < 1e-4, first_losses
 
 
+def test_checkpointing_every_second_layer_trains_the_same_losses(tmp_path):
+    runs = {}
+    for name, model in (
+        ("plain", ""),
+        ("every2", "gradient_checkpointing = true\ncheckpoint_every_n_layers = 2"),
+    ):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        path = alpaca_config(run_dir, extra_train="max_steps = 3")
+        path.write_text(
+            path.read_text().replace('chat_template = "chatml"', f'chat_template = "chatml"\n{model}')
+        )
+        config, plugins = load_config(path)
+        result = run_training(config, plugins)
+        runs[name] = (_losses(result.output_dir), result.model)
+    layers = runs["every2"][1].model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [i % 2 == 0 for i in range(len(layers))]
+    assert not any(layer.gradient_checkpointing for layer in runs["plain"][1].model.layers)
+    plain, every2 = runs["plain"][0], runs["every2"][0]
+    assert plain.keys() == every2.keys() and all(abs(plain[s] - every2[s]) < 1e-5 for s in plain)
+
+
 def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path):
     path = alpaca_config(tmp_path)
     (tmp_path / "out").mkdir()

@@ -25,7 +25,11 @@ class FtcoreGroup(click.Group):
 
 
 overrides_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (TOML literal), e.g. train.max_steps=10."
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key (TOML literal), e.g. train.max_steps=10.",
 )
 
 
@@ -73,7 +77,13 @@ def validate(config_path, overrides):
 @cli.command()
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @overrides_option
-@click.option("--show", default=0, type=click.IntRange(min=0), metavar="N", help="Print N samples with the trained tokens marked.")
+@click.option(
+    "--show",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Print N samples with the trained tokens marked.",
+)
 def preprocess(config_path, overrides, show):
     """Tokenize, mask and pack the datasets of CONFIG_PATH into the data cache; print a summary."""
     from ftcore.config import load_config
@@ -86,13 +96,19 @@ def preprocess(config_path, overrides, show):
 
 @cli.command()
 @click.option("--section", default=None, help="Only this table (model, train, or a plugin's table).")
-@click.option("--markdown", is_flag=True, help="The config reference in Markdown (docs/config.md) instead of JSON schema.")
+@click.option(
+    "--markdown",
+    is_flag=True,
+    help="The config reference in Markdown (docs/config.md) instead of JSON schema.",
+)
 def schema(section, markdown):
     """Print the JSON schema of the config (core tables and every installed plugin's table)."""
     from ftcore.config import config_reference, installed_config_model
     from ftcore.errors import ConfigError, did_you_mean
 
-    model = installed_config_model(on_error=lambda exc: click.echo(f"warning: {exc}; its table is left out", err=True))
+    model = installed_config_model(
+        on_error=lambda exc: click.echo(f"warning: {exc}; its table is left out", err=True)
+    )
     full = model.model_json_schema()
     props = full.get("properties", {})
     if section is not None and section not in props:
@@ -102,7 +118,9 @@ def schema(section, markdown):
     elif section is None:
         click.echo(json.dumps(full, indent=2))
     else:
-        click.echo(json.dumps({"properties": {section: props[section]}, "$defs": full.get("$defs", {})}, indent=2))
+        click.echo(
+            json.dumps({"properties": {section: props[section]}, "$defs": full.get("$defs", {})}, indent=2)
+        )
 
 
 @cli.command()
@@ -134,7 +152,12 @@ def env():
 
 @cli.command("merge-lora")
 @click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write the merged model (default: OUTPUT_DIR/merged).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to write the merged model (default: OUTPUT_DIR/merged).",
+)
 def merge_lora(output_dir, out):
     """Merge the LoRA/DoRA adapter in OUTPUT_DIR into its base model, shard by shard."""
     from transformers.utils import logging as hf_logging
@@ -149,11 +172,17 @@ def sampling_options(command):
     """--max-new-tokens, --temperature, --top-p, --top-k, --seed, --chat-template, --system."""
     options = [
         click.option("--max-new-tokens", type=int, default=256, show_default=True),
-        click.option("--temperature", type=float, default=0.7, show_default=True, help="0 = greedy decoding."),
+        click.option(
+            "--temperature", type=float, default=0.7, show_default=True, help="0 = greedy decoding."
+        ),
         click.option("--top-p", type=float, default=1.0, show_default=True),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
-        click.option("--chat-template", default=None, help="A template name (chatml, llama3), a .jinja file or inline Jinja."),
+        click.option(
+            "--chat-template",
+            default=None,
+            help="A template name (chatml, llama3), a .jinja file or inline Jinja.",
+        ),
         click.option("--system", default=None, help="A system message."),
     ]
     for option in reversed(options):
@@ -174,7 +203,9 @@ def generate(path, prompt, raw, chat_template, system, **sampling):
 
     model, tokenizer = load_for_inference(path, chat_template)
     chat = not raw and bool(tokenizer.chat_template)
-    request = messages_for(tokenizer, path, system) + [{"role": "user", "content": prompt}] if chat else prompt
+    request = (
+        messages_for(tokenizer, path, system) + [{"role": "user", "content": prompt}] if chat else prompt
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     generate(model, tokenizer, request, Sampling(**sampling), streamer=streamer)
 

@@ -105,6 +105,12 @@ class ModelSection(Section):
     use_reentrant: bool = Field(
         False, description="Reentrant gradient checkpointing (torch.utils.checkpoint)."
     )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        ge=1,
+        description="With gradient_checkpointing: recompute only every n-th decoder layer (1 = all); larger "
+        "values give memory back for speed.",
+    )
     compile: bool = Field(False, description="torch.compile the decoder layers (regional compilation).")
 
 

@@ -25,7 +25,9 @@ def describe_environment() -> list[str]:
     """One line per component, then warnings for combinations known to break."""
     lines = [f"ftcore {__version__}", f"python {platform.python_version()} ({platform.platform()})"]
     for name, ep in sorted(installed_plugins().items()):
-        lines.append(f"plugin {name}: {ep.dist.name if ep.dist else '?'} {ep.dist.version if ep.dist else ''}".rstrip())
+        lines.append(
+            f"plugin {name}: {ep.dist.name if ep.dist else '?'} {ep.dist.version if ep.dist else ''}".rstrip()
+        )
     versions = {lib: _version(lib) for lib in LIBRARIES}
     for lib, ver in versions.items():
         lines.append(f"{lib} {ver or 'not installed'}")
@@ -33,11 +35,15 @@ def describe_environment() -> list[str]:
         import torch
 
         cuda = torch.version.cuda or "none"
-        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+        devices = (
+            ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+        )
         lines.append(f"cuda {cuda} ({devices})")
     torchvision = _version("torchvision")
     if torchvision and "+cpu" in (versions["torch"] or "") and "+cpu" not in torchvision:
-        lines.append("warning: torchvision from PyPI does not import beside a CPU build of torch; uninstall it")
+        lines.append(
+            "warning: torchvision from PyPI does not import beside a CPU build of torch; uninstall it"
+        )
     dists = ["ftcore", *(ep.dist.name for ep in installed_plugins().values() if ep.dist), *LIBRARIES]
     lines += requirement_warnings(dict.fromkeys(dists))
     return lines

@@ -199,8 +199,9 @@ def load_model_and_tokenizer(config: Config, plugins: Plugins):
     plugins.hook.patch_model(config=config, model=model)
     if config.model.gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant}
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
+            every_n_layers=config.model.checkpoint_every_n_layers,
         )
     if config.adapter:
         model = add_adapter(config, model, tokenizer)

@@ -58,13 +58,32 @@ def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str,
         # the model loader already set checkpointing up (before adapters); stated here too so a TRL
         # config's own default (TRL turns it on) never overrides [model] gradient_checkpointing
         activation_checkpointing=config.model.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": config.model.use_reentrant},
+        activation_checkpointing_kwargs={
+            "use_reentrant": config.model.use_reentrant,
+            "every_n_layers": config.model.checkpoint_every_n_layers,
+        },
         dataloader_pin_memory=torch.cuda.is_available(),
         accelerator_config={"non_blocking": torch.cuda.is_available()},  # pinned batches copy without a sync
         logging_nan_inf_filter=False,  # its isnan check syncs host and device every micro-batch
         save_only_model=False,
         **distributed_arguments(config),
     )
+
+
+def one_gpu_per_process(args: TrainingArguments) -> TrainingArguments:
+    """Train on one GPU in a process started without ``--nproc``.
+
+    With several GPUs visible, the Trainer would otherwise wrap the model in
+    ``torch.nn.DataParallel`` over all of them: slower than DDP, and a different global batch than
+    the config states. ``ftcore run --nproc N`` is the multi-GPU path.
+    """
+    if args.n_gpu > 1:
+        print(
+            f"ftcore: {args.n_gpu} GPUs visible; this process trains on one (use ftcore run --nproc "
+            f"{args.n_gpu} CONFIG for data parallel)"
+        )
+        args._n_gpu = 1  # as Trainer itself does for model-parallel models
+    return args
 
 
 def run_callbacks(run) -> list:
@@ -156,8 +175,10 @@ class SFTMethod:
 
         bundle = prepare_sft_data(run.config, run.plugins, run.tokenizer)
         run.data_fingerprint = bundle.fingerprint
-        args = TrainingArguments(
-            **training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None)
+        args = one_gpu_per_process(
+            TrainingArguments(
+                **training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None)
+            )
         )
         return FtcoreTrainer(
             model=run.model,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftcore.train import remove_default_printer, training_arguments
+from ftcore.train import one_gpu_per_process, remove_default_printer, training_arguments
 from trl import DPOConfig, DPOTrainer
 
 from ftcore_dpo.pairs import TOKEN_COLUMNS, prepare_pairs
@@ -67,9 +67,11 @@ class DPOMethod:
         config = run.config
         data = prepare_pairs(config, run.plugins, run.tokenizer)
         run.data_fingerprint = data.fingerprint
-        args = DPOConfig(
-            **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
-            **dpo_arguments(config),
+        args = one_gpu_per_process(
+            DPOConfig(
+                **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
+                **dpo_arguments(config),
+            )
         )
         trainer = FtcoreDPOTrainer(
             model=run.model,

@@ -20,10 +20,21 @@ import triton.language as tl
 from ftcore_scattermoe.routing import Routing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages); every one fits 128 rows of fp32 in H100 shared memory
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); every one fits 128 rows of fp32 in H100 shared memory
+    ({"BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+    ({"BLOCK_N": 128, "BLOCK_K": 32}, 4, 4),
+    ({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+]
+# Tile order: GROUP_M row tiles sweep all their column tiles before the next group starts, so the
+# gathered input rows and the expert's weight slice are read from L2, not HBM, when many tokens
+# or wide experts make them outgrow it; ALL_ROWS sweeps every row tile per column (the best
+# order when everything fits in L2). The autotuner picks per shape.
+ALL_ROWS = 1 << 20
+GROUP_SIZES = (8, ALL_ROWS)
+GEMM_CONFIGS = [
+    triton.Config({**tile, "GROUP_M": group}, num_warps=warps, num_stages=stages)
+    for tile, warps, stages in TILES
+    for group in GROUP_SIZES
 ]
 SMALL_N = 64  # outputs this narrow (the LoRA rank) use one fixed tile instead of autotuning
 autotune_enabled = True  # the [scattermoe] autotune option; off = GEMM_CONFIGS[0]
@@ -54,7 +65,10 @@ def _autotuned(fn):
         {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     )
     return triton.autotune(
-        GEMM_CONFIGS, key=["N", "K"], prune_configs_by={"early_config_prune": _prune}, **options
+        GEMM_CONFIGS,
+        key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "HAS_LORA"],
+        prune_configs_by={"early_config_prune": _prune},
+        **options,
     )(fn)
 
 
@@ -66,13 +80,18 @@ def _scatter2scatter_body(
     l_ptr, stride_lm, stride_lr,
     b_ptr, stride_be, stride_bn, stride_br,
     scaling, scattered_idxs_ptr, block_expert_ptr, block_start_ptr, expert_ends_ptr,
-    N, K, R,
+    N, K, R, NUM_M,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one program per (row tile, column tile); GROUP_M row tiles sweep their column tiles together
+    pid = tl.program_id(0)
+    group_programs = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // group_programs) * GROUP_M
+    group_rows = tl.minimum(NUM_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_programs) % group_rows
+    pid_n = (pid % group_programs) // group_rows
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -237,15 +256,15 @@ def scatter2scatter(
         lora_in, lora_in.stride(0), lora_in.stride(1),
         lora_b, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         float(scaling), routing.scattered_idxs, block_expert, block_start, routing.expert_ends,
-        n, k, r,
+        n, k, r, block_expert.numel(),
     ]  # fmt: skip
     meta = dict(
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_LORA=has_lora, BLOCK_M=block_m,
         BLOCK_R=max(16, triton.next_power_of_2(r)), PRECISION=_precision(x.dtype),
     )  # fmt: skip
-    grid = lambda meta: (block_expert.numel(), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if INTERPRET:
-        _scatter2scatter_body[grid](*args, **meta, BLOCK_N=32, BLOCK_K=32)
+        _scatter2scatter_body[grid](*args, **meta, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
     elif n > SMALL_N and autotune_enabled:
         _scatter2scatter_tuned[grid](*args, **meta)
     elif n > SMALL_N:
@@ -255,7 +274,9 @@ def scatter2scatter(
         )
     else:
         block_n = max(16, triton.next_power_of_2(n))
-        _scatter2scatter_body[grid](*args, **meta, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=3)
+        _scatter2scatter_body[grid](
+            *args, **meta, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=ALL_ROWS, num_warps=4, num_stages=3
+        )
     return y
 
 
