@@ -5,8 +5,8 @@
     python benchmarks/sft_throughput.py --configs all   # every TRL and ftcore configuration
     python benchmarks/sft_throughput.py --list          # the models and configurations
 
-The default run should take about 6 minutes on one H100/H200 (one configuration took 65-135 s on
-an H200, most of it start-up and compilation); run one model per GPU in parallel
+The default run (five configurations) takes about 7 minutes on one H100/H200: one configuration
+took 43-149 s on an H200, most of it start-up and compilation; run one model per GPU in parallel
 (CUDA_VISIBLE_DEVICES) to cover more.
 
 Each configuration runs in its own process (``--worker``) with the same warm-up and timed step
@@ -14,7 +14,8 @@ counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); th
 text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with the stories260K tokenizer
 and fed to both trainers as the same token rows. TRL runs as it trains a model it is handed:
 float32 weights under bf16 autocast and its default gradient checkpointing, with packed rows
-padded to one shape (so flex attention compiles once). Reported: tokens/s of real tokens (padding
+padded to one shape (so flex attention compiles once); ``trl-defaults`` is SFTConfig as shipped
+(micro-batch 8), the other TRL configurations hold the tokens per step at about 8192. Reported: tokens/s of real tokens (padding
 not counted) of the median timed step and over all timed steps, peak GPU memory (allocated), MFU
 (6 * parameters * tokens/s over 989 TFLOP/s, H100/H200 dense bf16) and ratios against every TRL
 configuration measured in the same run. On an H100/H200 with the wheels of

@@ -5,9 +5,11 @@ import textwrap
 
 import datasets
 import numpy as np
+import pytest
 from ftcore.data import load_rows, prepare_sft_data
 from ftcore.data.formats import Synthetic
 from ftcore.data.testing import data_config, stories_tokenizer
+from ftcore.errors import DataError
 from ftcore.testing import asset
 
 ALPACA = str(asset("data/alpaca/alpaca_2000.jsonl"))
@@ -64,6 +66,52 @@ def test_prompt_completion_with_a_field_mapping(tmp_path):
     assert [(r["prompt"], r["completion"]) for r in train] == [
         (r["question"], r["answer"]) for r in read_jsonl(GSM8K, 100)
     ]
+
+
+def test_prompt_rows_keep_their_reward_columns_for_online_rl(tmp_path):
+    source = {
+        "path": GSM8K,
+        "format": "prompt",
+        "fields": {"prompt": "question", "solution": "answer"},
+        "options": {"columns": ["solution"]},
+        "split": "train[:50]",
+    }
+    train, _ = rows_of(tmp_path, [source], ("prompt_only",))
+    assert train.column_names == ["prompt", "solution"]
+    assert [(r["prompt"], r["solution"]) for r in train] == [
+        (r["question"], r["answer"]) for r in read_jsonl(GSM8K, 50)
+    ]
+    chats = tmp_path / "chats.jsonl"
+    system = {"role": "system", "content": "Answer with a number."}
+    lines = [{"prompt": [system, {"role": "user", "content": q["question"]}], "answer": q["answer"][-3:]}
+             for q in read_jsonl(GSM8K, 3)]  # fmt: skip
+    chats.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    train, _ = rows_of(
+        tmp_path,
+        [{"path": str(chats), "format": "prompt", "options": {"columns": ["answer"]}}],
+        ("prompt_only",),
+    )
+    assert train["prompt"] == [line["prompt"] for line in lines] and train["answer"] == [
+        line["answer"] for line in lines
+    ]
+
+
+def test_bad_prompt_rows_name_the_file_and_row(tmp_path):
+    answered = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+    cases = {
+        "answered": ([{"prompt": [{"role": "user", "content": "1 + 1?"}]}, {"prompt": answered}],
+                     r"answered\.jsonl, row 2: the chat prompt ends with an assistant message"),
+        "mixed": ([{"prompt": "1 + 1?"}, {"prompt": [{"role": "user", "content": "2 + 2?"}]}],
+                  r"mixed\.jsonl, row 2: prompt is chat, but earlier rows hold text prompts"),
+    }  # fmt: skip
+    for name, (rows, message) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(DataError, match=message):
+            rows_of(tmp_path, [{"path": str(path), "format": "prompt"}], ("prompt_only",))
+    with pytest.raises(DataError, match=r"no column 'score', which format 'prompt' reads as 'score'"):
+        rows_of(tmp_path, [{"path": GSM8K, "format": "prompt", "fields": {"prompt": "question"},
+                            "options": {"columns": ["score"]}}], ("prompt_only",))  # fmt: skip
 
 
 def test_completion_splits_long_texts_into_windows(tmp_path):

@@ -9,6 +9,7 @@ FORMAT_CLASSES = {
     "completion": "Completion",
     "prompt_completion": "PromptCompletion",
     "pretokenized": "Pretokenized",
+    "prompt": "Prompt",
     "synthetic": "Synthetic",
 }
 

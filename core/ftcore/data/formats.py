@@ -11,7 +11,7 @@ Canonical row schemas (DESIGN.md "Data contract"); a format produces exactly one
 - ``prompt_completion``: ``prompt`` and ``completion`` (strings; loss on the completion).
 - ``text``: ``text`` (a string; loss on every token).
 - ``preference``: ``prompt``, ``chosen``, ``rejected``.
-- ``prompt_only``: ``prompt`` plus any reward columns.
+- ``prompt_only``: ``prompt`` (a string, or chat messages the model answers) plus reward columns.
 - ``tokens``: ``input_ids`` and ``labels`` (-100 = not trained).
 
 Nothing here imports torch, transformers or datasets.
@@ -299,6 +299,48 @@ class PromptCompletion(RowFormat):
             "prompt": _text(row["prompt"], "prompt", allow_empty=True),
             "completion": _text(row["completion"], "completion"),
         }
+
+
+class PromptOptions(FormatOptions):
+    columns: list[str] = Field(
+        default_factory=list,
+        description='Columns kept beside the prompt for reward functions, e.g. ["answer"]; required in every row.',
+    )
+
+
+class Prompt(RowFormat):
+    """Prompts for online RL: ``prompt`` (a string or chat messages) plus the ``options.columns``.
+
+    The kept columns are fields like ``prompt``: a dataset's ``fields`` table can rename them,
+    and a row without one of them is a bad row.
+    """
+
+    schema = "prompt_only"
+    fields = ("prompt",)
+    Options = PromptOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.fields = ("prompt", *self.options.columns)
+        self.kind: str | None = None  # "text" or "chat", from the first row: a column holds one kind
+
+    def convert(self, row):
+        prompt = row["prompt"]
+        kind = "text" if isinstance(prompt, str) else "chat"
+        if self.kind not in (None, kind):
+            raise ValueError(
+                f"prompt is {kind}, but earlier rows hold {self.kind} prompts; use one kind per dataset"
+            )
+        self.kind = kind
+        if kind == "text":
+            prompt = _text(prompt, "prompt")
+        else:
+            prompt = normalize_messages(prompt)
+            if prompt[-1]["role"] == "assistant":
+                raise ValueError(
+                    "the chat prompt ends with an assistant message; the model answers after the prompt"
+                )
+        return {"prompt": prompt, **{column: row[column] for column in self.options.columns}}
 
 
 class Pretokenized(RowFormat):

@@ -81,7 +81,13 @@ def dataset_specs(config: Config, plugins: Plugins, schemas: tuple[str, ...]) ->
                 file=config.source,
                 key=f"{key}.path",
             )
-        known = (*format_class.fields, *format_class.optional_fields)
+        try:
+            row_format = format_class(section.options)
+        except ValidationError as exc:
+            raise ConfigError(
+                _options_error(exc, format_class), file=config.source, key=f"{key}.options"
+            ) from None
+        known = (*row_format.fields, *row_format.optional_fields)  # options may add fields
         for name in section.fields:
             if name not in known:
                 raise ConfigError(
@@ -90,12 +96,6 @@ def dataset_specs(config: Config, plugins: Plugins, schemas: tuple[str, ...]) ->
                     file=config.source,
                     key=f"{key}.fields.{name}",
                 )
-        try:
-            row_format = format_class(section.options)
-        except ValidationError as exc:
-            raise ConfigError(
-                _options_error(exc, format_class), file=config.source, key=f"{key}.options"
-            ) from None
         excess = section.excess_length or format_class.default_excess_length
         if excess == "split" and format_class.schema not in SPLITTABLE_SCHEMAS:
             raise ConfigError(

@@ -22,6 +22,7 @@ from ftcore_scattermoe.routing import Routing
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TILES = [  # (BLOCK_N, BLOCK_K, warps, stages); every one fits 128 rows of fp32 in H100 shared memory
     ({"BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+    ({"BLOCK_N": 256, "BLOCK_K": 64}, 8, 3),
     ({"BLOCK_N": 128, "BLOCK_K": 32}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
 ]
