@@ -1,7 +1,9 @@
-"""End-to-end SFT runs on the real pretrained stories260K model and real data (CPU)."""
+"""End-to-end runs on the real pretrained stories260K model and real data (CPU): SFT, and an
+in-house online-RL method plugin."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,3 +305,53 @@ def test_eval_split_logs_eval_rows_and_eval_steps_without_a_split_is_an_error(tm
     result = run_training(config, plugins)
     eval_rows = [row for row in read_metrics(result.output_dir) if "eval_loss" in row]
     assert [row["step"] for row in eval_rows] == [2, 4]
+
+
+def test_an_online_rl_method_plugin_trains_and_resumes_through_the_core(tmp_path, monkeypatch):
+    """TRL's GRPOTrainer behind an in-house method plugin: prompt rows, registered rewards, the
+    core's callbacks and atomic checkpoints with plugin state; no core code knows about RL."""
+    monkeypatch.syspath_prepend(INHOUSE)
+    from inhouse import online_rl
+
+    path = write_config(
+        tmp_path,
+        f"""
+plugins = ["inhouse.online_rl"]
+[model]
+base = "{stories_model()}"
+dtype = "float32"
+[online_rl]
+rewards = ["mentions_answer", "shorter_is_better"]
+[[datasets]]
+path = "{asset("data/gsm8k/train_first2000.jsonl")}"
+format = "prompt"
+fields = {{prompt = "question"}}
+options = {{columns = ["answer"]}}
+split = "train[:64]"
+[train]
+method = "toy_grpo"
+output_dir = "out"
+micro_batch_size = 4
+max_steps = 4
+save_steps = 2
+logging_steps = 1
+learning_rate = 1e-4
+""",
+    )
+    config, plugins = load_config(path)
+    result = run_training(config, plugins)
+    rows = [row for row in read_metrics(result.output_dir) if "loss" in row]
+    assert len(rows) == 4
+    assert {"reward", "rewards/mentions_answer/mean", "rewards/shorter_is_better/mean"} <= set(rows[0])
+    assert online_rl.rollouts["scored"] == 4 * 4  # 4 steps x 2 prompts x 2 generations
+    step2 = result.output_dir / "checkpoints" / "step-000002"
+    assert (step2 / COMPLETE).is_file()
+    state = torch.load(step2 / "plugin_state.pt", weights_only=True)
+    assert state["online_rl"] == {"scored": 8}
+
+    shutil.rmtree(result.output_dir / "checkpoints" / "step-000004")
+    online_rl.rollouts["scored"] = -1
+    config, plugins = load_config(path)
+    resumed = run_training(config, plugins, resume=True)
+    assert resumed.global_step == 4
+    assert online_rl.rollouts["scored"] == 8 + 2 * 4  # restored at step 2, then two more steps
