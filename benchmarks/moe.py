@@ -71,6 +71,12 @@ def with_lora(experts, rank: int) -> Layer:
     return layer
 
 
+def route(logits, top_k: int):
+    """Normalised softmax top-k routing: (bf16 weights, expert indices), each [tokens, top_k]."""
+    weights, index = logits.float().softmax(-1).topk(top_k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16), index
+
+
 def measure(step, leaves, rep_ms: int) -> tuple[float, float]:
     """(median ms, peak MiB above the memory allocated before the step)."""
     from triton.testing import do_bench
@@ -106,8 +112,7 @@ def run_case(experts, name: str, tokens: int, rank: int | None, rep_ms: int) -> 
     leaves = [x, logits] + [p for p in layer.parameters() if p.requires_grad]
 
     def forward():
-        weights, index = logits.float().softmax(-1).topk(top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+        weights, index = route(logits, top_k)
         return layer.experts(x, index, weights)
 
     def forward_backward():
@@ -149,8 +154,7 @@ def profile_kernels(args) -> None:
         for tokens in args.tokens:
             x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             logits = torch.randn(tokens, num_experts, device="cuda")
-            weights, index = logits.softmax(-1).topk(top_k, dim=-1)
-            weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+            weights, index = route(logits, top_k)
             for _ in range(3):  # compile and autotune first
                 layer.experts(x, index, weights).sum().backward()
             torch.cuda.synchronize()
