@@ -1,6 +1,6 @@
 """Data preparation speed: ftcore (read + tokenize + mask + pack + cache) against TRL SFTTrainer.
 
-Both get the same rows (``shared/data/alpaca`` replicated to --rows), the same tokenizer (the
+Both get the same rows (the packaged generated instruction set, Alpaca's shape, replicated to --rows), the same tokenizer (the
 stories260K tokenizer with ftcore's ChatML template, whose ``{% generation %}`` blocks let TRL mask
 the assistant turns), the same sequence length, packing and number of processes. TRL's time is
 ``SFTTrainer._prepare_dataset`` on an in-memory dataset (its tokenize, label and BFD-packing maps);
@@ -24,7 +24,7 @@ from pathlib import Path
 def alpaca_rows(count: int) -> list[dict]:
     from ftcore.testing import asset
 
-    with open(asset("data/alpaca/alpaca_2000.jsonl"), encoding="utf-8") as lines:
+    with open(asset("data/instructions/instructions_2000.jsonl"), encoding="utf-8") as lines:
         rows = [json.loads(line) for line in lines]
     return (rows * (count // len(rows) + 1))[:count]
 

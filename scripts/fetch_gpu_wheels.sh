@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Run here (with network to PyPI) before a GPU call: downloads the pure-Python / cp312 wheels the
-# GPU image lacks into .whl/ and copies the test assets into gpu_assets/ (both git-ignored; name
-# them in the device tool's `carry`).
+# GPU image lacks into .whl/ (git-ignored; name it in the device tool's `carry`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -11,7 +10,4 @@ for pkg in pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annot
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$pkg"
 done
-assets=${FTCORE_TEST_ASSETS:-../shared}
-mkdir -p gpu_assets
-cp -r "$assets/models" "$assets/data" gpu_assets/
-du -sh .whl gpu_assets
+du -sh .whl

@@ -8,7 +8,7 @@
 #   BENCHMARKS="moe cli_startup" bash scripts/gpu_tests.sh ...  # only these benchmarks/NAME.py
 #   BENCHMARKS= bash scripts/gpu_tests.sh ...                   # no benchmarks
 #
-# Prepare here first (with network): bash scripts/fetch_gpu_wheels.sh (creates .whl/ and gpu_assets/).
+# Prepare here first (with network): bash scripts/fetch_gpu_wheels.sh (creates .whl/).
 set -uo pipefail
 results=${1:?usage: bash scripts/gpu_tests.sh RESULTS_DIR [PYTEST_ARGS...]}
 shift

@@ -1,7 +1,9 @@
-"""The one test-asset locator: FTCORE_TEST_ASSETS, else shared/ in the checkout, else ../shared."""
+"""The one test-asset locator: FTCORE_TEST_ASSETS when set, else the assets packaged with ftcore."""
+
+import json
 
 import pytest
-from ftcore.testing import ASSETS_ENV, MissingAssets, asset, assets_dir, stories_model
+from ftcore.testing import ASSETS_ENV, PACKAGED_ASSETS, MissingAssets, asset, assets_dir, stories_model
 
 
 def test_the_variable_names_the_assets_folder(tmp_path, monkeypatch):
@@ -23,5 +25,17 @@ def test_a_wrong_variable_fails_clearly_instead_of_falling_back(tmp_path, monkey
         assets_dir()
 
 
-def test_the_real_assets_are_found():
-    assert (stories_model() / "config.json").is_file()
+def test_without_the_variable_the_packaged_assets_are_used(monkeypatch):
+    monkeypatch.delenv(ASSETS_ENV, raising=False)
+    assert assets_dir() == PACKAGED_ASSETS
+    assert (stories_model() / "model.safetensors").is_file()
+
+
+def test_every_packaged_file_is_listed_in_the_assets_readme():
+    readme = (PACKAGED_ASSETS / "README.md").read_text()
+    for path in sorted((PACKAGED_ASSETS / "data").glob("*/*.jsonl")):
+        folder, name = path.parent.name, path.name
+        assert f"data/{folder}/{name}" in readme or f"data/{folder}/*.jsonl" in readme, path
+        for line in path.read_text(encoding="utf-8").splitlines():
+            json.loads(line)
+    assert "`models/stories260K-hf/`" in readme

@@ -17,7 +17,7 @@ CHATML = (
 
 def alpaca_copy(tmp_path, rows=40):
     path = tmp_path / "alpaca.jsonl"
-    with open(asset("data/alpaca/alpaca_2000.jsonl"), encoding="utf-8") as lines:
+    with open(asset("data/instructions/instructions_2000.jsonl"), encoding="utf-8") as lines:
         path.write_text("".join(next(lines) for _ in range(rows)))
     return path
 

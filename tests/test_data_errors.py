@@ -8,7 +8,7 @@ from ftcore.data.testing import data_config, stories_tokenizer
 from ftcore.errors import ConfigError, DataError
 from ftcore.testing import asset
 
-ALPACA = asset("data/alpaca/alpaca_2000.jsonl")
+ALPACA = asset("data/instructions/instructions_2000.jsonl")
 CHATML = (
     "{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}"
     "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"

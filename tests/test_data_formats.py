@@ -1,4 +1,4 @@
-"""Every built-in row format and source kind on real rows from shared/data; mixing, weights, eval split."""
+"""Every built-in row format and source kind on real rows from the packaged test data; mixing, weights, eval split."""
 
 import json
 import textwrap
@@ -12,10 +12,10 @@ from ftcore.data.testing import data_config, stories_tokenizer
 from ftcore.errors import DataError
 from ftcore.testing import asset
 
-ALPACA = str(asset("data/alpaca/alpaca_2000.jsonl"))
+ALPACA = str(asset("data/instructions/instructions_2000.jsonl"))
 OASST = str(asset("data/oasst1_chat/oasst_en_threads.jsonl"))
-GSM8K = str(asset("data/gsm8k/train_first2000.jsonl"))
-HH_RLHF = str(asset("data/hh_rlhf_harmless/harmless_base_test_first2000.jsonl"))
+GSM8K = str(asset("data/gsm8k/train_first300.jsonl"))
+HH_RLHF = str(asset("data/hh_rlhf_harmless/harmless_base_test_first600.jsonl"))
 
 
 def read_jsonl(path, count=None):

@@ -10,7 +10,7 @@ from ftcore.data.testing import data_config, stories_tokenizer
 from ftcore.testing import asset, tiny_model
 
 ALPACA = {
-    "path": str(asset("data/alpaca/alpaca_2000.jsonl")),
+    "path": str(asset("data/instructions/instructions_2000.jsonl")),
     "format": "prompt_completion",
     "fields": {"prompt": "instruction", "completion": "output"},
     "split": "train[:16]",

@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 
 def alpaca(count):
-    with open(asset("data/alpaca/alpaca_2000.jsonl"), encoding="utf-8") as lines:
+    with open(asset("data/instructions/instructions_2000.jsonl"), encoding="utf-8") as lines:
         rows = [json.loads(next(lines)) for _ in range(count)]
     return [(r["instruction"] + (f"\n\n{r['input']}" if r["input"] else ""), r["output"]) for r in rows]
 

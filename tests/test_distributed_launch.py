@@ -81,7 +81,7 @@ chat_template = "chatml"
 dtype = "float32"
 
 [[datasets]]
-path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
+path = "{asset("data/instructions/instructions_2000.jsonl")}"
 format = "alpaca"
 
 [data]

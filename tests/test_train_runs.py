@@ -44,7 +44,7 @@ dtype = "float32"
 chat_template = "chatml"
 {adapter}
 [[datasets]]
-path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
+path = "{asset("data/instructions/instructions_2000.jsonl")}"
 format = "alpaca"
 excess_length = "truncate"
 
@@ -290,7 +290,7 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path):
 
 def test_a_missing_dataset_file_is_reported_before_the_model_loads(tmp_path):
     path = alpaca_config(tmp_path)
-    path.write_text(path.read_text().replace("alpaca_2000.jsonl", "missing.jsonl"))
+    path.write_text(path.read_text().replace("instructions_2000.jsonl", "missing.jsonl"))
     proc = ftcore("run", str(path))
     assert proc.returncode == 2
     assert "datasets.0.path" in proc.stderr and "missing.jsonl: no such file" in proc.stderr
@@ -323,7 +323,7 @@ dtype = "float32"
 [online_rl]
 rewards = ["mentions_answer", "shorter_is_better"]
 [[datasets]]
-path = "{asset("data/gsm8k/train_first2000.jsonl")}"
+path = "{asset("data/gsm8k/train_first300.jsonl")}"
 format = "prompt"
 fields = {{prompt = "question"}}
 options = {{columns = ["answer"]}}

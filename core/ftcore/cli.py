@@ -50,8 +50,12 @@ def cli(debug):
 def run(config_path, overrides, resume, overwrite, force, nproc):
     """Train with the config file CONFIG_PATH."""
     from ftcore.config import load_config
+    from ftcore.hub import offline_unless_reachable
+    from ftcore.pipeline import check_output_dir
 
     config, plugins = load_config(config_path, overrides)
+    check_output_dir(config, resume=resume, overwrite=overwrite)
+    offline_unless_reachable(config.hub_ids())
     if nproc and nproc > 1:
         from ftcore.distributed import launch
 
@@ -197,6 +201,9 @@ def sampling_options(command):
 @sampling_options
 def generate(path, prompt, raw, chat_template, system, **sampling):
     """Generate a reply from PATH: a trained output (merged or adapter), a model folder or a hub id."""
+    from ftcore.generate import check_model_path
+
+    check_model_path(path)
     from transformers import TextStreamer
 
     from ftcore.generate import Sampling, generate, load_for_inference, messages_for
@@ -215,6 +222,9 @@ def generate(path, prompt, raw, chat_template, system, **sampling):
 @sampling_options
 def chat(path, chat_template, system, **sampling):
     """Chat with PATH in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
+    from ftcore.generate import check_model_path
+
+    check_model_path(path)
     from transformers import TextStreamer
 
     from ftcore.generate import Sampling, generate, load_for_inference, messages_for

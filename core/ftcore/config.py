@@ -295,6 +295,18 @@ class ConfigBase(BaseModel):
         """The config file this came from (None when built in code)."""
         return self._source
 
+    def references(self) -> list[tuple[str, str]]:
+        """``(key, value)`` of every model, tokenizer, adapter and dataset path or hub id set."""
+        refs = [("model.base", self.model.base), ("model.tokenizer", self.model.tokenizer)]
+        if self.adapter is not None:
+            refs.append(("adapter.init_from", self.adapter.init_from))
+        refs += [(f"datasets.{i}.path", d.path) for i, d in enumerate(self.datasets)]
+        return [(key, value) for key, value in refs if value]
+
+    def hub_ids(self) -> list[str]:
+        """The references that name the Hugging Face hub (local paths are absolute once resolved)."""
+        return list(dict.fromkeys(value for _, value in self.references() if not Path(value).is_absolute()))
+
     def to_toml(self) -> str:
         import tomli_w
 
@@ -410,6 +422,7 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
     config._source = source
     try:
         _check_registered_names(config, plugins)
+        _check_local_paths(config)
         _check_eval(config)
         plugins.hook.validate_config(config=config)
     except ConfigError as exc:
@@ -417,6 +430,17 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
             raise ConfigError(exc.message, file=source, key=exc.key) from None
         raise
     return config, plugins
+
+
+def _check_local_paths(config: ConfigBase) -> None:
+    """Every local model, tokenizer, adapter and dataset path must exist: ``validate`` reports what
+    ``run`` would. Local values are absolute once resolved; hub ids stay as written."""
+    for key, value in config.references():
+        if Path(value).is_absolute() and not Path(value).exists():
+            raise ConfigError(
+                f"{value}: no such file or folder (relative paths resolve from the config file's folder)",
+                key=key,
+            )
 
 
 def _check_eval(config: ConfigBase) -> None:

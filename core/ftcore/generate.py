@@ -21,6 +21,18 @@ class Sampling:
     seed: int | None = None
 
 
+def check_model_path(path: str) -> None:
+    """Before torch loads: a path that is not a hub id must exist; a hub id needs the hub or the cache."""
+    from ftcore.config import HUB_ID
+    from ftcore.hub import offline_unless_reachable
+
+    if Path(path).expanduser().exists():
+        return
+    if os.path.isabs(path) or path.startswith((".", "~")) or not HUB_ID.match(path):
+        raise ConfigError(f"{path}: no such model folder (and not a Hugging Face hub id)")
+    offline_unless_reachable([path])
+
+
 def load_for_inference(path: str, chat_template: str | None = None):
     """``(model, tokenizer)`` from a model folder, an adapter folder (its base is loaded too) or a hub id.
 

@@ -14,15 +14,24 @@ from pathlib import Path
 from ftcore.errors import ConfigError
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a non-empty output_dir needs --resume or --overwrite."""
-    if output_dir.exists() and any(output_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir {output_dir} is not empty: pass --resume to continue its run, "
-                "or --overwrite to delete it and start again",
-                key="train.output_dir",
-            )
+def check_output_dir(config, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs, before anything heavy loads: a non-empty output_dir needs --resume or
+    --overwrite."""
+    output_dir = Path(config.train.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (resume or overwrite):
+        raise ConfigError(
+            f"output_dir {output_dir} is not empty: pass --resume to continue its run, "
+            "or --overwrite to delete it and start again",
+            file=config.source,
+            key="train.output_dir",
+        )
+
+
+def prepare_output_dir(config, *, resume: bool, overwrite: bool) -> None:
+    """The guard above, then ``--overwrite`` empties output_dir; output_dir exists afterwards."""
+    check_output_dir(config, resume=resume, overwrite=overwrite)
+    output_dir = Path(config.train.output_dir)
+    if overwrite and not resume and output_dir.is_dir():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -51,7 +60,7 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
         config, plugins, method_cls.row_schemas
     )  # formats, options and files, before the model loads
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards, overwrites and cleans output_dir
-        prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
+        prepare_output_dir(config, resume=resume, overwrite=overwrite)
         if resume:
             for path in remove_incomplete(output_dir):
                 print(f"ftcore: removed incomplete checkpoint {path}")

@@ -1,8 +1,9 @@
 """Helpers for tests: the one test-asset locator and tiny real-architecture models.
 
-Assets (the pretrained ``models/stories260K-hf`` and the ``data/`` subsets) are found through
-``FTCORE_TEST_ASSETS``; the default is ``shared/`` inside the checkout, then ``../shared``
-beside it.
+The assets (the pretrained ``models/stories260K-hf`` and the ``data/`` subsets, listed with their
+sources and licences in ``ftcore/testdata/README.md``) ship inside the ftcore package, so a clone or
+a plugin's own tests find them with nothing set. ``FTCORE_TEST_ASSETS`` points the locator at
+another folder with the same layout instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 ASSETS_ENV = "FTCORE_TEST_ASSETS"
-CHECKOUT = Path(__file__).resolve().parents[2]
+PACKAGED_ASSETS = Path(__file__).resolve().parent / "testdata"
 
 
 class MissingAssets(RuntimeError):
@@ -19,22 +20,17 @@ class MissingAssets(RuntimeError):
 
 
 def assets_dir() -> Path:
-    """The folder holding ``models/`` and ``data/``; a clear error when it is missing."""
-    if os.environ.get(ASSETS_ENV):  # when set, it is the only place looked at (a typo must not go unnoticed)
-        candidates = [Path(os.environ[ASSETS_ENV])]
-    else:
-        candidates = [CHECKOUT / "shared", CHECKOUT.parent / "shared"]
-    for candidate in candidates:
-        if (candidate / "models").is_dir() and (candidate / "data").is_dir():
-            return candidate.resolve()
-    tried = ", ".join(str(c) for c in candidates)
-    raise MissingAssets(
-        f"test assets not found (tried {tried}). Set {ASSETS_ENV} to the folder holding models/ and data/."
-    )
+    """The folder holding ``models/`` and ``data/``: ``FTCORE_TEST_ASSETS``, else the packaged one."""
+    override = os.environ.get(ASSETS_ENV)
+    candidate = Path(override) if override else PACKAGED_ASSETS
+    if (candidate / "models").is_dir() and (candidate / "data").is_dir():
+        return candidate.resolve()
+    fix = f"Set {ASSETS_ENV} to a folder holding models/ and data/" if override else "Reinstall ftcore"
+    raise MissingAssets(f"test assets not found (tried {candidate}). {fix}.")
 
 
 def asset(relative: str) -> Path:
-    """A path inside the assets folder, checked to exist."""
+    """A path inside the assets folder, checked to exist: ``asset("data/gsm8k/train_first300.jsonl")``."""
     path = assets_dir() / relative
     if not path.exists():
         raise MissingAssets(f"test asset {relative!r} missing under {assets_dir()}")

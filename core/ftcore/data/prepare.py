@@ -75,12 +75,6 @@ def dataset_specs(config: Config, plugins: Plugins, schemas: tuple[str, ...]) ->
             raise ConfigError(
                 f"format {section.format!r} reads a file: set path", file=config.source, key=f"{key}.path"
             )
-        if section.path and Path(section.path).is_absolute() and not Path(section.path).exists():
-            raise ConfigError(
-                f"{section.path}: no such file or folder (relative paths resolve from the config file's folder)",
-                file=config.source,
-                key=f"{key}.path",
-            )
         try:
             row_format = format_class(section.options)
         except ValidationError as exc:

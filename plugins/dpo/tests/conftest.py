@@ -11,7 +11,7 @@ PLACES = ["park", "garden", "house", "forest"]
 
 
 def hh_rlhf_path() -> Path:
-    return asset("data/hh_rlhf_harmless/harmless_base_test_first2000.jsonl")
+    return asset("data/hh_rlhf_harmless/harmless_base_test_first600.jsonl")
 
 
 def chat_pairs() -> list[dict]:

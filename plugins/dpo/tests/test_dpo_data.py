@@ -155,7 +155,7 @@ def test_truncate_keeps_every_prompt_token_and_drops_long_prompts(hh_rows, make_
 def test_raise_names_the_file_and_line(make_config, hh_dataset):
     config, plugins = load_config(make_config(hh_dataset("train[:50]", "raise")), ["train.sequence_len=96"])
     with pytest.raises(
-        DataError, match=r"harmless_base_test_first2000\.jsonl, row \d+: .*(prompt alone|over the limit)"
+        DataError, match=r"harmless_base_test_first600\.jsonl, row \d+: .*(prompt alone|over the limit)"
     ):
         prepare_pairs(config, plugins, load_tokenizer(config))
 

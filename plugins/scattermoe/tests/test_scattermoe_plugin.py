@@ -184,7 +184,7 @@ alpha = 8
 targets = ["q_proj"]
 target_parameters = {json.dumps(EXPERTS)}
 [[datasets]]
-path = "{asset("data/alpaca/alpaca_2000.jsonl")}"
+path = "{asset("data/instructions/instructions_2000.jsonl")}"
 format = "alpaca"
 excess_length = "truncate"
 [train]
