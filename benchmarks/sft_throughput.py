@@ -120,7 +120,7 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
     for line in asset("data/gsm8k/train_first300.jsonl").read_text().splitlines():
         row = json.loads(line)
         texts.append(f"{row['question']}\n{row['answer']}")
-    for line in asset("data/hh_rlhf_harmless/harmless_base_test_first600.jsonl").read_text().splitlines():
+    for line in asset("data/hh_rlhf_harmless/harmless_base_test_subset.jsonl").read_text().splitlines():
         texts.append(json.loads(line)["chosen"])
     for line in asset("data/oasst1_chat/oasst_en_threads.jsonl").read_text().splitlines():
         texts.append("\n".join(m["content"] for m in json.loads(line)["messages"]))

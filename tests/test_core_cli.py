@@ -32,6 +32,7 @@ output_dir = "out"
 def write_config(folder: Path, extra: str = "") -> Path:
     path = folder / "config.toml"
     path.write_text(CONFIG.format(extra=extra))
+    (folder / "qa.jsonl").touch()
     return path
 
 
@@ -104,18 +105,33 @@ sys.exit(code)
 
 @pytest.mark.parametrize(
     "args",
-    [["--help"], ["validate", "{config}"], ["validate", "{bad}"], ["plugins"], ["plugins", "--json"], ["schema"],
-     ["schema", "--markdown"]],
+    [["--help"], ["validate", "{config}"], ["validate", "{bad}"], ["validate", "{missing}"], ["plugins"],
+     ["plugins", "--json"], ["schema"], ["schema", "--markdown"], ["run", "{busy}"]],
     ids=lambda args: " ".join(args),
 )  # fmt: skip
 def test_light_commands_do_not_import_torch_or_transformers(plugin_sites, tmp_path, args):
-    (tmp_path / "bad").mkdir()
-    paths = {"config": write_config(tmp_path), "bad": write_config(tmp_path / "bad", "max_stepz = 1")}
+    """Also the config-only errors of ``run`` (a non-empty output_dir) come before any heavy import."""
+    for name in ("bad", "missing", "busy"):
+        (tmp_path / name).mkdir()
+    paths = {
+        "config": write_config(tmp_path),
+        "bad": write_config(tmp_path / "bad", "max_stepz = 1"),
+        "missing": write_config(tmp_path / "missing"),
+        "busy": write_config(tmp_path / "busy"),
+    }
+    (tmp_path / "missing" / "qa.jsonl").unlink()
+    (tmp_path / "busy" / "out").mkdir()
+    (tmp_path / "busy" / "out" / "metrics.jsonl").touch()
     result = subprocess.run(
         [sys.executable, "-c", LIGHT_CHECK.format(heavy=HEAVY), *[a.format(**paths) for a in args]],
         capture_output=True, text=True, env={"PYTHONPATH": os.pathsep.join([str(plugin_sites["faq"]), os.environ.get("PYTHONPATH", "")])},
     )  # fmt: skip
-    assert result.returncode == (2 if "{bad}" in args else 0), result.stderr
+    user_error = any(name in arg for arg in args for name in ("{bad}", "{missing}", "{busy}"))
+    assert result.returncode == (2 if user_error else 0), result.stderr
+    if "{missing}" in args:
+        assert "datasets.0.path" in result.stderr and "qa.jsonl: no such file or folder" in result.stderr
+    if "{busy}" in args:
+        assert "is not empty: pass --resume" in result.stderr
     assert "HEAVY=\n" in result.stderr, f"ftcore {' '.join(args)} imported: {result.stderr.splitlines()[-1]}"
 
 
@@ -162,3 +178,21 @@ def test_env_warns_about_broken_requirements(ftcore_cli):
 
 def test_version(ftcore_cli):
     assert ftcore_cli("--version").stdout.strip() == f"ftcore, version {__version__}"
+
+
+HUB_DOWN = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": ""}
+
+
+@pytest.mark.parametrize("command", ["run", "generate"])
+def test_an_unreachable_hub_id_fails_at_once_with_the_clear_message(ftcore_cli, tmp_path, command):
+    """Port 9 on loopback refuses connections: the hub is down. No minute of retries, exit 2."""
+    (tmp_path / "rows.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[model]\nbase = "someorg/no-such-model"\n[[datasets]]\npath = "rows.jsonl"\n[train]\noutput_dir = "out"\n'
+    )
+    args = ["run", config] if command == "run" else ["generate", "someorg/no-such-model", "--prompt", "hi"]
+    result = ftcore_cli(*args, env={**HUB_DOWN, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr
+    assert "the Hugging Face hub does not answer" in result.stdout + result.stderr
+    assert "someorg/no-such-model" in result.stderr and "Retry" not in result.stderr

@@ -75,6 +75,7 @@ stop_at_loss = 0.5
 
 
 def test_round_trip_revalidates_to_the_same_config(tmp_path, faq):
+    write(tmp_path / "a", "", "data/qa.jsonl")
     first, _ = load_config(write(tmp_path / "a", FULL))
     # The printed config re-validates to the same config, from any folder (paths are absolute).
     again, _ = load_config(write(tmp_path / "elsewhere" / "deeper", first.to_toml()))
@@ -96,10 +97,21 @@ def test_relative_paths_resolve_from_the_config_folder(tmp_path, faq, monkeypatc
     assert config.source == str(folder / "config.toml")
 
 
-def test_hub_id_and_home_paths(tmp_path):
+def test_hub_id_and_home_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok").mkdir()
     config, _ = load_config(write(tmp_path, BASE), ["model.tokenizer=~/tok"])
     assert config.model.base == "org/some-model"
-    assert config.model.tokenizer == str(Path("~/tok").expanduser())
+    assert config.model.tokenizer == str(tmp_path / "tok")
+    assert config.hub_ids() == ["org/some-model"]
+
+
+def test_a_local_path_that_does_not_exist_is_a_config_error(tmp_path):
+    """validate reports a missing local model or dataset, as run does; a hub id is not checked."""
+    message = config_error(write(tmp_path, BASE), ["model.base=./models/tiny"])
+    assert f"model.base: {tmp_path / 'models' / 'tiny'}: no such file or folder" in message
+    message = config_error(write(tmp_path, BASE + '\n[[datasets]]\npath = "data/rows.jsonl"\n'))
+    assert f"config.toml: datasets.0.path: {tmp_path / 'data' / 'rows.jsonl'}: no such file" in message
 
 
 @pytest.mark.parametrize(
@@ -112,6 +124,8 @@ def test_override_values_are_toml_literals_with_string_fallback(text, value):
 
 
 def test_set_overrides(tmp_path, faq):
+    for name in ("b.jsonl", "c.jsonl"):
+        write(tmp_path, "", name)
     path = write(tmp_path, BASE + '\n[[datasets]]\npath = "a.jsonl"\nformat = "faq"\n')
     config, plugins = load_config(
         path,

@@ -61,3 +61,12 @@ def test_the_guides_example_trains_with_the_plugin(ftcore_cli, tmp_path):
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [1], f"expected training to stop at step 1 of 50, logged steps: {steps}"
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_ci_runs_the_readmes_test_command_word_for_word():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    marker = next(i for i, line in enumerate(ci) if line.startswith('# README, "Set up", command 2'))
+    command = ci[marker + 1]
+    readme = (REPO / "README.md").read_text()
+    assert f"\n   {command}\n" in readme, f"README's command 2 differs from .ci/run's: {command}"
+    assert command.endswith("&& pytest -q")

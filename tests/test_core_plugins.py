@@ -50,6 +50,7 @@ def test_enabled_plugin_contributes_table_registries_and_callbacks(sites, tmp_pa
     sites("faq")
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(plugins='["faq"]') + "\n[faq]\nstop_at_loss = 0.5\n")
+    (tmp_path / "qa.jsonl").touch()
     config, plugins = load_config(path)
     assert plugins.enabled == ["faq"] and config.faq.stop_at_loss == 0.5
     info = plugins.infos["faq"]
@@ -192,6 +193,7 @@ def test_listing_reports_broken_plugins_and_keeps_the_rest(sites):
 def test_trace_hooks_prints_calls_implementations_and_durations(ftcore_cli, tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(plugins='["faq"]'))
+    (tmp_path / "qa.jsonl").touch()
     result = ftcore_cli("validate", path, sites=["faq"], env={"FTCORE_TRACE_HOOKS": "1"})
     assert result.returncode == 0, result.stderr
     trace = [line for line in result.stderr.splitlines() if line.startswith("[ftcore hook]")]

@@ -15,7 +15,7 @@ from ftcore.testing import asset
 ALPACA = str(asset("data/instructions/instructions_2000.jsonl"))
 OASST = str(asset("data/oasst1_chat/oasst_en_threads.jsonl"))
 GSM8K = str(asset("data/gsm8k/train_first300.jsonl"))
-HH_RLHF = str(asset("data/hh_rlhf_harmless/harmless_base_test_first600.jsonl"))
+HH_RLHF = str(asset("data/hh_rlhf_harmless/harmless_base_test_subset.jsonl"))
 
 
 def read_jsonl(path, count=None):
@@ -243,7 +243,7 @@ def test_an_external_preference_format_through_load_rows(tmp_path, monkeypatch):
     }
     config, plugins = validate_config(raw)
     train, _ = load_rows(config, plugins, ("preference",))
-    assert len(train) == 1997  # the 3 pairs whose rejected text does not start with the prompt are skipped
+    assert len(train) == 600  # the 3 pairs whose rejected text does not start with the prompt are skipped
     first = read_jsonl(HH_RLHF, 1)[0]
     assert train[0]["prompt"] + train[0]["chosen"] == first["chosen"]
     assert train[0]["prompt"].endswith("\n\nAssistant:") and np.all(

@@ -105,6 +105,9 @@ def test_generate_and_chat_errors_are_clear(tmp_path):
     code, output = ftcore("chat", stories_model(), input="hi\n")
     assert code == 2 and "has no chat template: pass --chat-template" in output
     code, output = ftcore("generate", tmp_path / "nothing", "--prompt", "x")
+    assert code == 2 and "nothing: no such model folder (and not a Hugging Face hub id)" in output
+    (tmp_path / "empty").mkdir()
+    code, output = ftcore("generate", tmp_path / "empty", "--prompt", "x")
     assert code == 2 and "holds no model (config.json) or adapter" in output
     shutil.copytree(stories_model(), tmp_path / "run" / "checkpoints" / "step-000010")
     code, output = ftcore("generate", tmp_path / "run", "--prompt", "x")

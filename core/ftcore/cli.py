@@ -91,9 +91,12 @@ def validate(config_path, overrides):
 def preprocess(config_path, overrides, show):
     """Tokenize, mask and pack the datasets of CONFIG_PATH into the data cache; print a summary."""
     from ftcore.config import load_config
-    from ftcore.data.preview import preprocess as prepare
+    from ftcore.hub import offline_unless_reachable
 
     config, plugins = load_config(config_path, overrides)
+    offline_unless_reachable(config.hub_ids())
+    from ftcore.data.preview import preprocess as prepare
+
     for line in prepare(config, plugins, show, color=sys.stdout.isatty()):
         click.echo(line, color=sys.stdout.isatty())
 

@@ -404,7 +404,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override, enable plugins, validate. Returns the config and its plugins."""
     path = Path(path)
     raw = apply_overrides(read_toml(path), overrides)
-    return validate_config(raw, base_dir=path.resolve().parent, source=str(path))
+    config, plugins = validate_config(raw, base_dir=path.resolve().parent, source=str(path))
+    check_local_paths(config)
+    return config, plugins
 
 
 def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: str | None = None):
@@ -422,7 +424,6 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
     config._source = source
     try:
         _check_registered_names(config, plugins)
-        _check_local_paths(config)
         _check_eval(config)
         plugins.hook.validate_config(config=config)
     except ConfigError as exc:
@@ -432,13 +433,15 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
     return config, plugins
 
 
-def _check_local_paths(config: ConfigBase) -> None:
-    """Every local model, tokenizer, adapter and dataset path must exist: ``validate`` reports what
-    ``run`` would. Local values are absolute once resolved; hub ids stay as written."""
+def check_local_paths(config: ConfigBase) -> None:
+    """Every local model, tokenizer, adapter and dataset path of a config file must exist, so that
+    ``validate`` reports what ``run`` would. Local values are absolute once resolved; hub ids stay
+    as written. (Configs built in code skip this: the loaders check their paths when they read.)"""
     for key, value in config.references():
         if Path(value).is_absolute() and not Path(value).exists():
             raise ConfigError(
                 f"{value}: no such file or folder (relative paths resolve from the config file's folder)",
+                file=config.source,
                 key=key,
             )
 

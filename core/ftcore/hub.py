@@ -46,7 +46,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def go_offline() -> None:
     """Turn on offline mode for this process, also in hub libraries already imported."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+    for module, name in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+    ):
         if module in sys.modules:
             setattr(sys.modules[module], name, True)
 

@@ -8,6 +8,7 @@ checks -> train -> final save in HF format -> after_train.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def prepare_output_dir(config, *, resume: bool, overwrite: bool) -> None:
     if overwrite and not resume and output_dir.is_dir():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def finished_message(output_dir: Path) -> str:
+    """Where the run's output is and what to try next, with a path the user can paste."""
+    try:
+        shown = output_dir.resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = output_dir
+    shown = shlex.quote(str(shown))
+    return (
+        f"ftcore: done. The model is in {shown}/ (metrics.jsonl, report.html, checkpoints/).\n"
+        f'  Try it:  ftcore generate {shown} --prompt "..."   or   ftcore chat {shown}'
+    )
 
 
 def run_training(config, plugins, *, resume: bool = False, overwrite: bool = False, force: bool = False):
@@ -89,6 +103,8 @@ def run_training(config, plugins, *, resume: bool = False, overwrite: bool = Fal
         trainer.save_model(str(output_dir))
         # training_args.bin is a pickle; config.resolved.toml says what ran
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        if trainer.is_world_process_zero():
+            print(finished_message(output_dir))
     result = RunResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,

@@ -11,7 +11,7 @@ PLACES = ["park", "garden", "house", "forest"]
 
 
 def hh_rlhf_path() -> Path:
-    return asset("data/hh_rlhf_harmless/harmless_base_test_first600.jsonl")
+    return asset("data/hh_rlhf_harmless/harmless_base_test_subset.jsonl")
 
 
 def chat_pairs() -> list[dict]:
@@ -97,7 +97,7 @@ def chat_dataset(chat_pairs_file) -> str:
 
 @pytest.fixture(scope="session")
 def hh_rows() -> list[dict]:
-    """The real hh-rlhf harmless-base rows (2,000)."""
+    """The real hh-rlhf harmless-base rows (603)."""
     return [json.loads(line) for line in hh_rlhf_path().read_text().splitlines()]
 
 

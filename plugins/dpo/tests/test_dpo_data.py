@@ -24,7 +24,7 @@ def test_hh_rlhf_splits_every_transcript_at_the_last_assistant_turn(hh_rows):
         assert pair["prompt"].endswith("\n\nAssistant:") and "\n\nAssistant:" not in pair["chosen"]
         assert pair["prompt"] + pair["chosen"] == row["chosen"]
         assert pair["prompt"] + pair["rejected"] == row["rejected"]
-    assert len(bad) == 3  # the data README: 3 of 2,000 rejected transcripts branch off earlier
+    assert len(bad) == 3  # the assets README: the last 3 rows' rejected transcripts branch off earlier
     assert all("does not continue the conversation" in reason for _, reason in bad)
 
 
@@ -155,7 +155,7 @@ def test_truncate_keeps_every_prompt_token_and_drops_long_prompts(hh_rows, make_
 def test_raise_names_the_file_and_line(make_config, hh_dataset):
     config, plugins = load_config(make_config(hh_dataset("train[:50]", "raise")), ["train.sequence_len=96"])
     with pytest.raises(
-        DataError, match=r"harmless_base_test_first600\.jsonl, row \d+: .*(prompt alone|over the limit)"
+        DataError, match=r"harmless_base_test_subset\.jsonl, row \d+: .*(prompt alone|over the limit)"
     ):
         prepare_pairs(config, plugins, load_tokenizer(config))
 
