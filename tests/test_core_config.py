@@ -254,14 +254,14 @@ def test_plugin_validate_config_errors_get_the_file(tmp_path, monkeypatch):
 
         @hookimpl
         def validate_config(config):
-            if config.train.max_steps == 0:
-                raise ConfigError("max_steps = 0 trains nothing", key="train.max_steps")
+            if config.train.max_steps == 13:
+                raise ConfigError("max_steps = 13 is unlucky", key="train.max_steps")
         """,
         "inhouse_checks/plugin.py",
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = write(tmp_path, 'plugins = ["inhouse_checks.plugin"]\n' + BASE + "max_steps = 0\n")
-    assert config_error(path) == f"{path}: train.max_steps: max_steps = 0 trains nothing"
+    path = write(tmp_path, 'plugins = ["inhouse_checks.plugin"]\n' + BASE + "max_steps = 13\n")
+    assert config_error(path) == f"{path}: train.max_steps: max_steps = 13 is unlucky"
 
 
 def test_inhouse_plugin_table_is_named_by_its_name_attribute(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ class FtcoreGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             click.secho(f"error: {exc}", fg="red", err=True)
-            ctx.exit(2)
+            ctx.exit(exc.exit_code)
 
 
 overrides_option = click.option(
@@ -51,20 +51,22 @@ def run(config_path, overrides, resume, overwrite, force, nproc):
     """Train with the config file CONFIG_PATH."""
     from ftcore.config import load_config
     from ftcore.hub import offline_unless_reachable
+    from ftcore.lock import run_lock
     from ftcore.pipeline import check_output_dir
 
     config, plugins = load_config(config_path, overrides)
-    check_output_dir(config, resume=resume, overwrite=overwrite)
-    offline_unless_reachable(config.hub_ids())
-    if nproc and nproc > 1:
-        from ftcore.distributed import launch
+    with run_lock(config):  # before anything in output_dir is read, deleted or written
+        check_output_dir(config, resume=resume, overwrite=overwrite)
+        offline_unless_reachable(config.hub_ids())
+        if nproc and nproc > 1:
+            from ftcore.distributed import launch
 
-        sys.exit(launch(config, config_path, sys.argv, nproc))
-    from ftcore.distributed import quiet_replica
-    from ftcore.pipeline import run_training
+            sys.exit(launch(config, config_path, sys.argv, nproc))
+        from ftcore.distributed import quiet_replica
+        from ftcore.pipeline import run_training
 
-    quiet_replica()
-    run_training(config, plugins, resume=resume, overwrite=overwrite, force=force)
+        quiet_replica()
+        run_training(config, plugins, resume=resume, overwrite=overwrite, force=force)
 
 
 @cli.command()

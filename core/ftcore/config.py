@@ -39,16 +39,23 @@ def _base_dir(info: ValidationInfo) -> Path:
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
-    return str((_base_dir(info) / Path(value).expanduser()).resolve())
+    return _resolved(_base_dir(info) / Path(value).expanduser())
+
+
+def _resolved(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"a path that resolves ({path}: {exc})") from None
 
 
 def _resolve_ref(value: str, info: ValidationInfo) -> str:
     """A local path (resolved) or a hub id (kept): paths start with / . ~, exist locally or name a file."""
     local = _base_dir(info) / Path(value).expanduser()
     looks_like_file = Path(value).suffix.lower() in FILE_SUFFIXES
-    if value.startswith(("/", ".", "~")) or local.exists() or looks_like_file or not HUB_ID.match(value):
-        return str(local.resolve())
-    return value
+    if value.startswith(("/", ".", "~")) or local.is_symlink() or local.exists() or looks_like_file:
+        return _resolved(local)
+    return value if HUB_ID.match(value) else _resolved(local)
 
 
 LocalPath = Annotated[str, AfterValidator(_resolve_path)]
@@ -63,9 +70,10 @@ def _resolve_template(value: str, info: ValidationInfo) -> str:
 
 
 class Section(BaseModel):
-    """Base of every config table: unknown keys are errors."""
+    """Base of every config table: unknown keys are errors, types are strict (no true for 1, no "5" for 5),
+    numbers finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -194,6 +202,12 @@ class DataSection(Section):
     )
 
 
+def _steps_or_epochs(value: int) -> int:
+    if value < 1 and value != -1:
+        raise ValueError("at least 1, or -1 to train for train.epochs")
+    return value
+
+
 class TrainSection(Section):
     """``[train]``: the method and its optimisation settings."""
 
@@ -207,9 +221,13 @@ class TrainSection(Section):
     packing: bool = Field(False, description="Bin-pack rows into sequence_len rows without cross-attention.")
     micro_batch_size: int = Field(1, gt=0, description="Rows per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        2e-5, gt=0, le=1, description="Peak learning rate (above 1 every optimizer diverges)."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    max_steps: Annotated[int, AfterValidator(_steps_or_epochs)] = Field(
+        -1, description="Stop after this many optimizer steps, at least 1 (-1: use epochs)."
+    )
     save_steps: int | None = Field(
         None, gt=0, description="Checkpoint every N steps (default: only at the end)."
     )
@@ -230,6 +248,14 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps (overrides warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    divergence: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description="On a non-finite loss or gradient norm: stop (exit code 3; nothing non-finite is saved), "
+        "or skip_step: skip that update and stop after max_skipped_steps in a row.",
+    )
+    max_skipped_steps: int = Field(
+        5, ge=1, description="With divergence = skip_step: stop after this many skipped updates in a row."
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Mixed precision; auto = bf16 where supported, else fp32."
     )
@@ -278,7 +304,7 @@ CORE_TABLES = {
 class ConfigBase(BaseModel):
     """The validated config of a run; plugin tables are attributes named after the plugin."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     plugins: list[str] = Field(
         default_factory=list, description="Plugins to enable, by entry-point name or dotted module path."
     )
@@ -497,7 +523,11 @@ def _explain(exc: ValidationError, model: type[BaseModel]) -> str:
             lines.append(f"missing required {'table [' + key + ']' if is_table else 'key ' + repr(key)}")
         else:
             got = first.get("input")
-            expected = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
+            expected = " or ".join(
+                dict.fromkeys(
+                    e["msg"].removeprefix("Input should be ").removeprefix("Value error, ") for e in errs
+                )
+            )
             lines.append(f"key {key!r}: got {got!r} ({type(got).__name__}); expected {expected}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

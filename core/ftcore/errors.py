@@ -1,6 +1,7 @@
 """Errors meant for people: each names the file, key, row or plugin and the fix.
 
-The CLI turns any ``UserError`` into a message on stderr and exit code 2.
+The CLI turns any ``UserError`` into a message on stderr and its ``exit_code``: 2, or 3 for a run
+that diverged.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user; shown without a traceback."""
+
+    exit_code = 2
 
 
 class ConfigError(UserError):
@@ -36,6 +39,12 @@ class PluginError(UserError):
     def __init__(self, message: str, *, plugin: str | None = None):
         self.plugin = plugin
         super().__init__(f"plugin {plugin!r}: {message}" if plugin else message)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradients became non-finite; nothing after the last good checkpoint was saved."""
+
+    exit_code = 3
 
 
 def did_you_mean(name: str, choices) -> str:

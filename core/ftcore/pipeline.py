@@ -13,13 +13,14 @@ import shutil
 from pathlib import Path
 
 from ftcore.errors import ConfigError
+from ftcore.lock import LOCK_FILE, run_lock
 
 
 def check_output_dir(config, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs, before anything heavy loads: a non-empty output_dir needs --resume or
     --overwrite."""
     output_dir = Path(config.train.output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (resume or overwrite):
+    if output_dir.is_dir() and _contents(output_dir) and not (resume or overwrite):
         raise ConfigError(
             f"output_dir {output_dir} is not empty: pass --resume to continue its run, "
             "or --overwrite to delete it and start again",
@@ -28,12 +29,22 @@ def check_output_dir(config, *, resume: bool, overwrite: bool) -> None:
         )
 
 
+def _contents(output_dir: Path) -> list[Path]:
+    """What output_dir holds besides the lock file."""
+    return [path for path in output_dir.iterdir() if path.name != LOCK_FILE]
+
+
 def prepare_output_dir(config, *, resume: bool, overwrite: bool) -> None:
-    """The guard above, then ``--overwrite`` empties output_dir; output_dir exists afterwards."""
+    """The guard above, then ``--overwrite`` empties output_dir (but for the lock file, which this run
+    holds); output_dir exists afterwards."""
     check_output_dir(config, resume=resume, overwrite=overwrite)
     output_dir = Path(config.train.output_dir)
     if overwrite and not resume and output_dir.is_dir():
-        shutil.rmtree(output_dir)
+        for path in _contents(output_dir):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -51,7 +62,12 @@ def finished_message(output_dir: Path) -> str:
 
 
 def run_training(config, plugins, *, resume: bool = False, overwrite: bool = False, force: bool = False):
-    """Train per ``config``; returns a ``RunResult``."""
+    """Train per ``config``; returns a ``RunResult``. The output_dir lock is held throughout."""
+    with run_lock(config):
+        return _train(config, plugins, resume=resume, overwrite=overwrite, force=force)
+
+
+def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
