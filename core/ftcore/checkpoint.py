@@ -2,13 +2,17 @@
 
 The trainer writes ``checkpoints/checkpoint-N`` (the aside copy); ``CheckpointCallback.on_save``
 adds ftcore's state (fingerprints, plugin state), renames it to ``checkpoints/step-00000N`` and
-writes the ``COMPLETE`` marker last. Only complete checkpoints are ever resumed from; pruning
-(``save_total_limit``) happens only after a new checkpoint is complete.
+writes the ``COMPLETE`` marker last, holding the manifest (every file's size and sha256). Only
+complete checkpoints are ever resumed from, and only once they verify against their manifest;
+pruning (``save_total_limit``) happens only after a new checkpoint is complete.
+``DivergenceCallback`` keeps non-finite weights out of every checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,6 +27,13 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "ftcore_state.json"
 PLUGIN_STATE_FILE = "plugin_state.pt"
 TRAINER_PREFIX = "checkpoint-"
+SET_ASIDE_PREFIX = "damaged-"
+REQUIRED_FILES = ("trainer_state.json", STATE_FILE)
+RESUME_STATE_FILES = {
+    "optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0"),
+    "scheduler": ("scheduler.pt",),
+}
+"""Optimizer and scheduler state (any one name of each): without them a resume is not bit-exact."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -47,6 +58,73 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problems(checkpoint: Path) -> list[str]:
+    """What is wrong with a complete checkpoint: required files missing, or files that are missing,
+    truncated or changed since its manifest was written (absent optimizer or scheduler state is
+    ``missing_resume_state``'s business)."""
+    try:
+        manifest = json.loads((checkpoint / COMPLETE).read_text() or "{}")  # empty: written before manifests
+    except (OSError, ValueError):
+        return [f"its {COMPLETE} marker is unreadable"]
+    optional = {name for names in RESUME_STATE_FILES.values() for name in names}
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (checkpoint / name).is_file()]
+    for name, expected in manifest.get("files", {}).items():
+        file = checkpoint / name
+        if not file.is_file():
+            if Path(name).parts[0] not in optional and f"{name} is missing" not in problems:
+                problems.append(f"{name} is missing")
+        elif file.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {file.stat().st_size} bytes, {expected['size']} when written")
+        elif _sha256(file) != expected["sha256"]:
+            problems.append(f"{name} changed since it was written (sha256)")
+    return problems
+
+
+def missing_resume_state(checkpoint: Path) -> list[str]:
+    """ "optimizer" and/or "scheduler" when ``checkpoint`` lacks that state."""
+    return [
+        what
+        for what, names in RESUME_STATE_FILES.items()
+        if not any((checkpoint / n).exists() for n in names)
+    ]
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (``damaged-step-...``, never deleted); return the new path."""
+    target, n = checkpoint.with_name(SET_ASIDE_PREFIX + checkpoint.name), 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"{SET_ASIDE_PREFIX}{checkpoint.name}-{n}")
+    os.replace(checkpoint, target)
+    return target
+
+
+def select_checkpoint(output_dir: str | Path, *, force: bool, log=print) -> Path | None:
+    """The newest complete checkpoint that verifies. Damaged newer ones are set aside, saying why; one
+    without optimizer or scheduler state is refused (``force``: used with a warning)."""
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        problems = checkpoint_problems(checkpoint)
+        if problems:
+            aside = set_aside(checkpoint)
+            log(
+                f"ftcore: checkpoint {checkpoint.name} is damaged ({'; '.join(problems)}); set aside as {aside}"
+            )
+            continue
+        missing = " and ".join(missing_resume_state(checkpoint))
+        if missing and not force:
+            raise ConfigError(
+                f"checkpoint {checkpoint} has no {missing} state: resuming from it would start the {missing} "
+                "afresh and not continue the run exactly. Pass --force to resume from it anyway, or move it "
+                "out of checkpoints/ to resume from the one before"
+            )
+        if missing:
+            log(
+                f"ftcore: warning: checkpoint {checkpoint.name} has no {missing} state; it starts afresh (--force)"
+            )
+        return checkpoint
+    return None
+
+
 def remove_incomplete(output_dir: str | Path) -> list[Path]:
     """Delete checkpoints that were interrupted mid-write; returns what was removed."""
     root = checkpoints_dir(output_dir)
@@ -62,18 +140,37 @@ def _is_main(state) -> bool:
     return state.is_world_process_zero
 
 
-def _barrier() -> None:
+def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _seal(folder: Path) -> dict[str, Any]:
+    """Flush every file of ``folder`` to disk; return the manifest: each file's size and sha256."""
+    files = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            os.fsync(handle.fileno())
+        files[file.relative_to(folder).as_posix()] = {"size": file.stat().st_size, "sha256": digest}
+    return {"files": files}
+
+
+def _write_marker(folder: Path, manifest: dict[str, Any]) -> None:
+    """The COMPLETE marker, written whole or not at all."""
+    tmp = folder / f"{COMPLETE}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / COMPLETE)
 
 
 class CheckpointCallback(TrainerCallback):
@@ -81,21 +178,29 @@ class CheckpointCallback(TrainerCallback):
 
     def __init__(self, run):
         self.run = run
+        self._base_fingerprint: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)  # this run's save/log/eval intervals, not the checkpoint's
 
     def on_save(self, args, state, control, **kwargs):
         aside = Path(args.output_dir) / f"{TRAINER_PREFIX}{state.global_step}"
         final = step_dir(self.run.output_dir, state.global_step)
         plugin_state = self.run.plugins.call_each("checkpoint_state", config=self.run.config)
-        _barrier()
+        barrier()
         if _is_main(state) and aside.is_dir():
             import torch
 
+            from ftcore.model import base_model_fingerprint
+
+            self._base_fingerprint = self._base_fingerprint or base_model_fingerprint(self.run.config)
             info = {
                 "global_step": state.global_step,
                 "epoch": state.epoch,
                 "num_input_tokens_seen": state.num_input_tokens_seen,
                 "config_fingerprint": self.run.config.fingerprint(RESULT_NEUTRAL_KEYS),
                 "data_fingerprint": self.run.data_fingerprint,
+                "base_model_fingerprint": self._base_fingerprint,
                 "world_size": args.world_size,
                 "method": self.run.config.train.method,
             }
@@ -103,13 +208,13 @@ class CheckpointCallback(TrainerCallback):
             (aside / "config.toml").write_text(self.run.config.to_toml())
             if plugin_state:
                 torch.save(plugin_state, aside / PLUGIN_STATE_FILE)
-            _fsync_tree(aside)
+            manifest = _seal(aside)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(aside, final)
-            (final / COMPLETE).write_text("")
+            _write_marker(final, manifest)
             self._prune(args)
-        _barrier()
+        barrier()
         return control
 
     def _prune(self, args) -> None:
@@ -134,13 +239,17 @@ RESULT_NEUTRAL_KEYS = (
 def check_resumable(
     checkpoint: Path, config, data_fingerprint: str | None, world_size: int, force: bool
 ) -> None:
-    """Refuse a checkpoint whose config or data differ (unless ``force``)."""
+    """Refuse a checkpoint whose config, data or base model differ (unless ``force``)."""
+    from ftcore.model import base_model_fingerprint
+
     info = json.loads((checkpoint / STATE_FILE).read_text())
     problems = []
     if info.get("config_fingerprint") != config.fingerprint(RESULT_NEUTRAL_KEYS):
         problems.append("the config changed since this checkpoint was written")
     if data_fingerprint and info.get("data_fingerprint") not in (None, data_fingerprint):
         problems.append("the dataset (or tokenizer, or a setting that changes tokens) changed")
+    if info.get("base_model_fingerprint") not in (None, base_model_fingerprint(config)):
+        problems.append(f"the base model's files changed ({config.model.base}: config.json or weights)")
     if info.get("world_size", world_size) != world_size:
         problems.append(f"it was written with {info['world_size']} processes, this run has {world_size}")
     if problems and not force:
@@ -187,3 +296,79 @@ class StopSignalCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def all_finite(tensors) -> bool:
+    """Whether every value of ``tensors`` is finite, on every process (one host read)."""
+    import torch
+    import torch.distributed as dist
+
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
+    if not local:
+        return True
+    finite = torch.nn.utils.get_total_norm(local).isfinite().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stops a run whose gradients or loss become non-finite (``train.divergence = "stop"``), or skips
+    such updates (``"skip_step"``, stopping after ``max_skipped_steps`` in a row); never lets a
+    checkpoint or the final model be written with non-finite weights.
+
+    The gradients are checked once per optimizer step, after clipping and before the update (one
+    scalar read by the host per step, none per micro-batch); a non-finite one is dropped, so the
+    optimizer leaves the weights and its state as they were. Under fp16 the gradient scaler already
+    skips such steps, and only the logged loss is checked. Must be the last callback: it cancels a
+    save that the ones before it asked for.
+    """
+
+    def __init__(self, mode: str = "stop", max_skipped: int = 5):
+        self.mode, self.max_skipped = mode, max_skipped
+        self.skipped_in_a_row = 0
+        self.reason: str | None = None
+        """Why the run stopped (None: it did not diverge)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or self.reason:
+            return
+        if all_finite(p.grad for p in model.parameters() if p.grad is not None):
+            self.skipped_in_a_row = 0
+            return
+        model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+        step = state.global_step + 1
+        if self.mode == "skip_step":
+            self.skipped_in_a_row += 1
+            print(
+                f"ftcore: step {step}: non-finite gradients; update skipped ({self.skipped_in_a_row} in a row)"
+            )
+            if self.skipped_in_a_row < self.max_skipped:
+                return
+        self.reason = f"non-finite gradients at step {step}" + (
+            f" ({self.skipped_in_a_row} skipped updates in a row)" if self.mode == "skip_step" else ""
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {key: (logs or {}).get(key) for key in ("loss", "grad_norm")}
+        bad = [
+            f"{key} {value}"
+            for key, value in values.items()
+            if isinstance(value, float) and not math.isfinite(value)
+        ]
+        if bad and not self.reason and (self.mode == "stop" or args.fp16):
+            self.reason = f"{', '.join(bad)} logged at step {state.global_step}"
+        return self._stop(control)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.reason and (control.should_save or control.should_training_stop):
+            trainable = [p.detach() for p in model.parameters() if p.requires_grad]
+            if not all_finite(trainable):
+                self.reason = f"non-finite weights after step {state.global_step}"
+        return self._stop(control)
+
+    def _stop(self, control):
+        if self.reason:
+            control.should_save = False
+            control.should_training_stop = True
+        return control

@@ -12,7 +12,8 @@ from ftcore.errors import UserError
 
 
 class FtcoreGroup(click.Group):
-    """Turns user errors into a message and exit code 2 (``--debug`` shows the traceback)."""
+    """Turns user errors and file errors into a message and exit code 2, or 3 for a diverged run
+    (``--debug`` shows the traceback)."""
 
     def invoke(self, ctx):
         try:
@@ -22,6 +23,11 @@ class FtcoreGroup(click.Group):
                 raise
             click.secho(f"error: {exc}", fg="red", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a path the user gave or a disk they filled: unreadable, read-only, full
+            if ctx.params.get("debug") or exc.filename is None:
+                raise
+            click.secho(f"error: {exc.filename}: {exc.strerror}", fg="red", err=True)
+            ctx.exit(2)
 
 
 overrides_option = click.option(

@@ -27,7 +27,8 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends every log to metrics.jsonl with throughput; trims rows past the resumed step."""
+    """Appends every log to metrics.jsonl with throughput; on resume, drops the rows past the resumed
+    step and the summary row of the interrupted run."""
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / METRICS_FILE
@@ -36,7 +37,11 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.is_file():
-            kept = [row for row in read_metrics(self.path.parent) if row.get("step", 0) <= state.global_step]
+            kept = [
+                row
+                for row in read_metrics(self.path.parent)
+                if row.get("step", 0) <= state.global_step and "train_loss" not in row
+            ]
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen

@@ -106,6 +106,45 @@ def load_model_config(config: Config):
         raise _load_error(base, "model.base", config, exc) from None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+def base_model_fingerprint(config: Config) -> str | None:
+    """A hash of the base model's files, cheap for any size: config.json, and each weight file's name,
+    size, safetensors header and 16 sampled 4 KiB blocks. None when a hub model is not in the local cache."""
+    import hashlib
+
+    folder = _local_model_folder(config.model.base)
+    if folder is None:
+        return None
+    hasher = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json":
+            hasher.update(b"config.json" + file.read_bytes())
+        elif file.suffix in WEIGHT_SUFFIXES or file.name.endswith(".index.json"):
+            size = file.stat().st_size
+            hasher.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as handle:
+                if file.suffix == ".safetensors":
+                    header = int.from_bytes(handle.read(8), "little")
+                    hasher.update(handle.read(min(header, size)))
+                for k in range(SAMPLES):
+                    handle.seek(size * k // SAMPLES)
+                    hasher.update(handle.read(SAMPLE_BYTES))
+    return hasher.hexdigest()[:16]
+
+
+def _local_model_folder(base: str) -> Path | None:
+    """The folder holding ``base``: itself, or a hub model's snapshot in the local cache."""
+    if os.path.isabs(base):
+        return Path(base)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
 def choose_dtype(config: Config):
     """``model.dtype`` as a torch dtype; auto = bfloat16 on GPUs that support it, else float32."""
     import torch

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from ftcore.errors import ConfigError
+from ftcore.errors import ConfigError, TrainingDiverged, UserError
 from ftcore.lock import LOCK_FILE, run_lock
 
 
@@ -72,11 +73,14 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
     from transformers.utils import logging as hf_logging
 
     from ftcore.checkpoint import (
+        DivergenceCallback,
         StopSignalCallback,
+        barrier,
         check_resumable,
         latest_checkpoint,
         remove_incomplete,
         restore_plugin_state,
+        select_checkpoint,
     )
     from ftcore.data.prepare import dataset_specs
     from ftcore.methods import Run, RunResult
@@ -94,15 +98,17 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         if resume:
             for path in remove_incomplete(output_dir):
                 print(f"ftcore: removed incomplete checkpoint {path}")
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
-        print(f"ftcore: no complete checkpoint in {output_dir}; starting from the beginning")
+            select_checkpoint(output_dir, force=force)  # sets damaged checkpoints aside, saying why
 
     set_seed(config.train.seed)
     model, tokenizer = load_model_and_tokenizer(config, plugins)
     run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=output_dir)
     run.callbacks = run_callbacks(run)
     trainer = method_cls().build_trainer(run)
+    barrier()  # every process resumes from the checkpoint rank 0 verified: the newest one left
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if resume and checkpoint is None:
+        print(f"ftcore: no complete checkpoint in {output_dir}; starting from the beginning")
     if checkpoint is not None:
         check_resumable(checkpoint, config, run.data_fingerprint, trainer.args.world_size, force)
         restore_plugin_state(checkpoint, plugins, config)
@@ -110,13 +116,23 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
     if trainer.is_world_process_zero():
         (output_dir / "config.resolved.toml").write_text(config.to_toml())
 
+    save_checkpoint = trainer._save_checkpoint  # the Trainer's one checkpoint write, for every method
+
+    def guarded_save_checkpoint(*args, **kwargs):
+        with writing("a checkpoint", output_dir):
+            return save_checkpoint(*args, **kwargs)
+
+    trainer._save_checkpoint = guarded_save_checkpoint
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopSignalCallback))
-    interrupted = stop.received is not None
-    if interrupted:
+    callbacks = trainer.callback_handler.callbacks
+    stop = next(cb for cb in callbacks if isinstance(cb, StopSignalCallback))
+    diverged = next(cb for cb in callbacks if isinstance(cb, DivergenceCallback)).reason
+    interrupted = stop.received is not None or diverged is not None
+    if stop.received is not None and not diverged:
         print(f"ftcore: stopped by signal {stop.received}; continue with: ftcore run CONFIG --resume")
-    else:
-        trainer.save_model(str(output_dir))
+    elif not interrupted:
+        with writing("the final model", output_dir):
+            trainer.save_model(str(output_dir))
         # training_args.bin is a pickle; config.resolved.toml says what ran
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         if trainer.is_world_process_zero():
@@ -129,4 +145,34 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         model=trainer.model,
     )
     plugins.hook.after_train(config=config, result=result)
+    if diverged:
+        raise TrainingDiverged(divergence_message(diverged, output_dir))
     return result
+
+
+def divergence_message(reason: str, output_dir: Path) -> str:
+    from ftcore.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+    return (
+        f"training diverged: {reason}. Nothing non-finite was saved; {kept}. Lower train.learning_rate "
+        "(or raise warmup_steps), then start again with --overwrite, or continue from the checkpoint with "
+        "--resume --force"
+    )
+
+
+@contextmanager
+def writing(what: str, output_dir: Path):
+    """Turn a failed write into output_dir (disk full, read-only, permissions) into one line (exit code 2)."""
+    try:
+        yield
+    except Exception as exc:
+        try:
+            free = f"{shutil.disk_usage(output_dir).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "its free space unknown"
+        raise UserError(
+            f"cannot write {what} in {output_dir} ({free}): {type(exc).__name__}: {exc}. Fix that, then "
+            "continue with: ftcore run CONFIG --resume"
+        ) from exc

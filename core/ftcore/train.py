@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from ftcore.checkpoint import CheckpointCallback, StopSignalCallback, checkpoints_dir
+from ftcore.checkpoint import CheckpointCallback, DivergenceCallback, StopSignalCallback, checkpoints_dir
 from ftcore.distributed import distributed_arguments
 from ftcore.metrics import MetricsCallback, ReportCallback, RichProgressCallback
 
@@ -64,7 +64,8 @@ def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str,
         },
         dataloader_pin_memory=torch.cuda.is_available(),
         accelerator_config={"non_blocking": torch.cuda.is_available()},  # pinned batches copy without a sync
-        logging_nan_inf_filter=False,  # its isnan check syncs host and device every micro-batch
+        # its isnan check syncs host and device every micro-batch; skip_step needs it to log finite losses
+        logging_nan_inf_filter=train.divergence == "skip_step",
         save_only_model=False,
         **distributed_arguments(config),
     )
@@ -87,7 +88,8 @@ def one_gpu_per_process(args: TrainingArguments) -> TrainingArguments:
 
 
 def run_callbacks(run) -> list:
-    """The core callbacks (metrics, progress, report, checkpoints, signals) plus plugins' ones."""
+    """The core callbacks (metrics, progress, report, checkpoints, signals), plugins' ones, and the
+    divergence guard last (it cancels saves the others asked for)."""
     callbacks = [
         MetricsCallback(run.output_dir),
         RichProgressCallback(),
@@ -97,7 +99,8 @@ def run_callbacks(run) -> list:
     ]
     for extra in run.plugins.hook.trainer_callbacks(config=run.config):
         callbacks.extend(extra or [])
-    return callbacks
+    train = run.config.train
+    return [*callbacks, DivergenceCallback(train.divergence, train.max_skipped_steps)]
 
 
 def remove_default_printer(trainer: Trainer) -> None:

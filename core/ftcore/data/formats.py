@@ -44,7 +44,7 @@ MESSAGE_KEYS = {
 class FormatOptions(BaseModel):
     """Base of a format's ``options`` table: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RowFormat:

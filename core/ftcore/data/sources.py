@@ -157,9 +157,15 @@ def _read_file(path: Path, split: str, on_bad: str) -> tuple[Any, int, tuple[str
     reader = READERS[path.suffix]
     try:
         rows = datasets.load_dataset(reader, data_files=[str(path)], split=split)
+        rows.data.table.validate(full=True)  # pyarrow reads JSON text without checking that it is UTF-8
     except Exception as exc:
         if reader != "json":
-            raise DataError(f"cannot read it as {path.suffix}: {_reason(exc)}", file=str(path)) from None
+            where = _undecodable(path)
+            raise DataError(
+                f"cannot read it as {path.suffix}: {where[1] if where else _reason(exc)}",
+                file=str(path),
+                row=where[0] if where else None,
+            ) from None
         return _parse_json(path, split, on_bad, exc)
     if reader == "json" and any(isinstance(feature, datasets.Json) for feature in rows.features.values()):
         # A column with values of several types: datasets stores them as JSON, but keeps a string that is
@@ -177,29 +183,39 @@ def _parse_json(
     """
     import datasets
 
-    text = path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
     records, numbers, bad = [], [], 0
-    if text.lstrip().startswith("["):  # one JSON document, not JSON lines
+    if data.lstrip().startswith(b"["):  # one JSON document, not JSON lines
         try:
-            records = json.loads(text)
+            records = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                _not_utf8(data, exc), file=str(path), row=data.count(b"\n", 0, exc.start) + 1
+            ) from None
         except json.JSONDecodeError as exc:
             raise DataError(
                 f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", file=str(path)
             ) from None
+        except ValueError as exc:
+            raise DataError(str(exc), file=str(path)) from None
         numbers = list(range(1, len(records) + 1))
     else:
         record = 0
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        for line_number, raw_line in enumerate(data.splitlines(), start=1):
+            if not raw_line.strip():
                 continue
             record += 1
             try:
-                value = json.loads(line)
+                value = json.loads(raw_line.decode("utf-8"), object_pairs_hook=_unique_keys)
                 problem = (
                     None if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
                 )
+            except UnicodeDecodeError as exc:
+                value, problem = None, _not_utf8(raw_line, exc)
             except json.JSONDecodeError as exc:
                 value, problem = None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+            except ValueError as exc:  # a duplicated key
+                value, problem = None, str(exc)
             if problem is None:
                 records.append(value)
                 numbers.append(record)
@@ -224,6 +240,33 @@ def _parse_json(
     columns = list(dict.fromkeys(key for r in records for key in r))
     table = {c: [json.dumps(r[c]) if c in r else None for r in records] for c in columns}
     return datasets.Dataset.from_dict({**table, ROW: numbers}), bad, tuple(columns)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of equal keys, silently)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        keys = [key for key, _ in pairs]
+        raise ValueError(
+            f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice in one object"
+        )
+    return found
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    column = exc.start - data.rfind(b"\n", 0, exc.start)
+    return f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); save the file as UTF-8"
+
+
+def _undecodable(path: Path) -> tuple[int, str] | None:
+    """(line, problem) of the first line of ``path`` that is not UTF-8, or None."""
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return number, _not_utf8(line, exc)
+    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,7 +3,9 @@ stall inside a checkpoint write, so tests can deliver real signals at known mome
 
 Settings come from environment variables so a subprocess run can be steered:
 FTCORE_TEST_STEP_SLEEP (seconds per step), FTCORE_TEST_STALL_AT_SAVE (the n-th save, 1-based,
-that stalls before the checkpoint is renamed), FTCORE_TEST_FLAG_DIR (where flag files go).
+that stalls before the checkpoint is renamed), FTCORE_TEST_FLAG_DIR (where flag files go),
+FTCORE_TEST_NAN_STEPS (optimizer steps, 1-based, e.g. "2,4-9", whose loss is NaN, as from a
+broken loss kernel).
 """
 
 import os
@@ -14,6 +16,7 @@ from ftcore.hookspecs import hookimpl
 
 name = "run_control"
 _saves = {"count": 0}
+_losses = {"count": 0}
 
 
 def _flag(name: str) -> None:
@@ -27,6 +30,9 @@ def trainer_callbacks(config):
     from transformers import TrainerCallback
 
     class SlowSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _losses["count"] = state.global_step * args.gradient_accumulation_steps
+
         def on_step_end(self, args, state, control, **kwargs):
             _flag(f"step-{state.global_step}")
             time.sleep(float(os.environ.get("FTCORE_TEST_STEP_SLEEP", "0")))
@@ -47,3 +53,20 @@ def checkpoint_state(config):
 def restore_checkpoint_state(config, state):
     _saves["count"] = int(state["saves"])
     _flag(f"restored-{state['saves']}")
+
+
+def _nan_steps() -> set[int]:
+    steps = set()
+    for part in filter(None, os.environ.get("FTCORE_TEST_NAN_STEPS", "").split(",")):
+        first, _, last = part.partition("-")
+        steps.update(range(int(first), int(last or first) + 1))
+    return steps
+
+
+@hookimpl
+def compute_loss(config, model, batch, num_items_in_batch):
+    _losses["count"] += 1
+    step = (_losses["count"] - 1) // config.train.gradient_accumulation_steps + 1
+    if step in _nan_steps():
+        return model(**batch).loss * float("nan")
+    return None
