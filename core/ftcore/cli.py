@@ -44,6 +44,9 @@ overrides_option = click.option(
 @click.option("--debug", is_flag=True, help="Show tracebacks for user errors.")
 def cli(debug):
     """ftcore: fine-tune Hugging Face causal LMs (SFT, LoRA/QLoRA/DoRA, DPO, online RL) with plugins."""
+    from ftcore.hub import no_usage_calls
+
+    no_usage_calls()
 
 
 @cli.command()

@@ -192,6 +192,11 @@ class DataSection(Section):
         default_factory=lambda: ["assistant"],
         description="Roles whose messages are trained (a message's own train flag wins).",
     )
+    split_special_tokens: bool = Field(
+        True,
+        description="Tokenize special tokens spelled out in row text (<|im_start|>, </s>) as plain text, so a row "
+        "cannot forge chat-template turns or train an end-of-sequence it only spells; the template's own stay special.",
+    )
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra variables for the chat template, e.g. {enable_thinking = false}.",

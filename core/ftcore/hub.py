@@ -4,6 +4,8 @@ huggingface_hub retries an unreachable host for about a minute before transforme
 Before anything loads a hub id, ftcore checks once that the hub answers; when it does not, it turns
 on ``HF_HUB_OFFLINE`` for this process and says so, so that a model or dataset in the local cache
 still loads and one that is not fails at once with the libraries' own "not in the cache" error.
+That check is ftcore's only outbound call, and only for configs that name a hub id: the libraries'
+usage calls (telemetry, download counts) are turned off for every ftcore process.
 """
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     thread.start()
     thread.join(timeout)
     return bool(answered)
+
+
+NO_USAGE_CALLS = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "false"}
+"""huggingface_hub's telemetry (also used by transformers) and datasets' download counts."""
+
+
+def no_usage_calls() -> None:
+    """Turn off the hub libraries' usage calls for this process (and its children), also in hub
+    libraries already imported. No ftcore process reports anything anywhere."""
+    os.environ.update(NO_USAGE_CALLS)
+    for module, name, value in (
+        ("huggingface_hub.constants", "HF_HUB_DISABLE_TELEMETRY", True),
+        ("datasets.config", "HF_UPDATE_DOWNLOAD_COUNTS", False),
+    ):
+        if module in sys.modules:
+            setattr(sys.modules[module], name, value)
 
 
 def go_offline() -> None:

@@ -83,10 +83,12 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         select_checkpoint,
     )
     from ftcore.data.prepare import dataset_specs
+    from ftcore.hub import no_usage_calls
     from ftcore.methods import Run, RunResult
     from ftcore.model import load_model_and_tokenizer
     from ftcore.train import run_callbacks
 
+    no_usage_calls()
     hf_logging.set_verbosity_warning()
     output_dir = Path(config.train.output_dir)
     method_cls = plugins.registry("method").get(config.train.method)

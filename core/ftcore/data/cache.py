@@ -20,6 +20,8 @@ from typing import Any
 
 import xxhash
 
+from ftcore.errors import ConfigError
+
 PIPELINE_VERSION = 1  # bump when the tokens produced for the same inputs change
 CHUNK = 1 << 22
 
@@ -104,9 +106,12 @@ def load(root: Path, fingerprint: str):
 
 def save(root: Path, fingerprint: str, train, evaluation, stats: dict[str, Any]) -> Path:
     """Write the prepared data to ``root/fingerprint`` atomically; return the folder."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=root))
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
     folder = root / fingerprint
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}-", dir=root))
     try:
         train.save_to_disk(str(tmp / "train"))
         if evaluation is not None:
@@ -119,6 +124,15 @@ def save(root: Path, fingerprint: str, train, evaluation, stats: dict[str, Any])
         except OSError:  # another process finished the same data first
             if not (folder / "stats.json").is_file():
                 raise
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _unwritable(root: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot write the data cache in {root}: {exc.strerror or exc}; set data.cache_dir to a writable folder",
+        key="data.cache_dir",
+    )

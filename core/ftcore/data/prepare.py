@@ -212,13 +212,15 @@ def _prepare(config: Config, specs: list[DatasetSpec], tokenizer, fingerprint: s
     elif seed is not None:
         train = train.shuffle(seed=seed)
     stats = _summary(train, evaluation, sequences, per_dataset, train_config)
+    stats["split_special_tokens"] = data_config.split_special_tokens
     return train, evaluation, stats
 
 
 def _tokenize_dataset(spec: DatasetSpec, tokenizer, config: Config, fingerprint: str):
     """One dataset's rows tokenized and filtered, and its counts."""
     counts = dict.fromkeys(
-        ("read", "skipped", "dropped", "truncated", "untrained", "unlocated", "sequences"), 0
+        ("read", "skipped", "dropped", "truncated", "untrained", "unlocated", "special_tokens", "sequences"),
+        0,
     )
     kept = []
     for part in read_dataset(spec, config.data.num_proc):
@@ -235,6 +237,7 @@ def _tokenize_dataset(spec: DatasetSpec, tokenizer, config: Config, fingerprint:
             label=part.label,
             train_on=config.data.train_on,
             template_kwargs=config.data.chat_template_kwargs,
+            split_special_tokens=config.data.split_special_tokens,
         )
         rows = part.rows.map(
             function,
@@ -251,6 +254,7 @@ def _tokenize_dataset(spec: DatasetSpec, tokenizer, config: Config, fingerprint:
                            ("untrained", tokenize.UNTRAINED), ("skipped", tokenize.SKIPPED)):  # fmt: skip
             counts[name] += int((status == code).sum())
         counts["unlocated"] += int(np.asarray(rows.data.column("_unlocated")).sum())
+        counts["special_tokens"] += int(np.asarray(rows.data.column("_special")).sum())
         keep = np.flatnonzero((status == tokenize.OK) | (status == tokenize.TRUNCATED))
         counts["sequences"] += len(keep)
         kept.append(rows.select(keep).select_columns(["input_ids", "labels"]))
@@ -261,6 +265,10 @@ def _tokenize_dataset(spec: DatasetSpec, tokenizer, config: Config, fingerprint:
     if counts["unlocated"]:
         log.warning("%s: %d message parts with their own train flag were not found in the rendered chat "
                     "(the chat template changes them); their messages were not trained", spec.where, counts["unlocated"])  # fmt: skip
+    if counts["special_tokens"]:
+        log.warning("%s: %d special tokens spelled out in row text, tokenized as %s (data.split_special_tokens)",
+                    spec.where, counts["special_tokens"],
+                    "plain text" if config.data.split_special_tokens else "special tokens")  # fmt: skip
     if not counts["sequences"]:
         raise DataError(f"{spec.where}: no row is left to train on ({_counts_text(counts)})")
     return _concatenate(kept, spec.where), counts
@@ -275,7 +283,7 @@ def _token_features():
 
     return Features({
         "input_ids": List(Value("int32")), "labels": List(Value("int32")), "_status": Value("int8"),
-        "_row": Value("int64"), "_unlocated": Value("int16"),
+        "_row": Value("int64"), "_unlocated": Value("int16"), "_special": Value("int32"),
     })  # fmt: skip
 
 
@@ -321,7 +329,7 @@ def _summary(train, evaluation, sequences: int, per_dataset: list[dict], train_c
     trained = _trained_tokens(train)
     totals = {
         key: sum(d[key] for d in per_dataset)
-        for key in ("skipped", "dropped", "truncated", "untrained", "unlocated")
+        for key in ("skipped", "dropped", "truncated", "untrained", "unlocated", "special_tokens")
     }
     efficiency = (
         tokens / (len(train) * train_config.sequence_len) if train_config.packing and len(train) else None

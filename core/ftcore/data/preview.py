@@ -49,6 +49,12 @@ def summary(stats: dict[str, Any], fingerprint: str) -> list[str]:
         lines.append(
             f"unlocated        {stats['unlocated']:,} message parts not found in the rendered chat (left untrained)"
         )
+    if stats.get("special_tokens"):
+        lines.append(
+            f"special tokens   {stats['special_tokens']:,} spelled out in row text, tokenized as "
+            + ("plain text" if stats["split_special_tokens"] else "special tokens")
+            + " (data.split_special_tokens)"
+        )
     lines.append(
         f"packing          {f'efficiency {packed:.1%} (tokens / rows x sequence_len)' if packed is not None else 'off'}"
     )

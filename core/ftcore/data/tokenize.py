@@ -8,6 +8,10 @@ to tokens through the fast tokenizer's offsets. A token is trained only when eve
 covers is trained, so tokens that straddle differently-flagged parts are masked (conservative).
 Parts of a message (``reasoning_content``, content parts with their own ``train`` flag) are found
 inside the message's span; a part that cannot be found leaves its message untrained and is counted.
+
+Special tokens spelled out inside row text (``<|im_start|>`` in a user turn, ``</s>`` in an answer)
+are counted and, with ``data.split_special_tokens`` (the default), tokenized as the plain text they
+are (``SpecialTokenText``); the special tokens a chat template writes stay special.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ftcore.errors import DataError
 log = logging.getLogger("ftcore.data")
 
 IGNORE = -100
+NEUTRAL = "\ue000"  # a private-use character: stands in for the first character of special-token text
 OK, TRUNCATED, TOO_LONG, UNTRAINED, SKIPPED = 0, 1, 2, 3, 4
 """Values of the ``_status`` column: kept, kept truncated, dropped as too long, dropped with no trained
 token, skipped as a bad row (the chat template could not render it)."""
@@ -86,6 +91,11 @@ class ChatMasker:
             **{**self.tokenizer.special_tokens_map, **self.template_kwargs},
         )
         return rendered, (blocks if track else [None] * len(rendered))
+
+    def render_rows(self, conversations: list[list[dict]], tools: list) -> list[str]:
+        """The texts of whole conversations as training renders them (ftcore's flags dropped)."""
+        plain = [[self._plain(m) for m in conversation] for conversation in conversations]
+        return self._render_grouped(plain, tools, False)[0]
 
     def __call__(
         self, conversations: list[list[dict]], tools: list
@@ -264,20 +274,103 @@ def token_labels(encoding, spans, text_length: int) -> tuple[np.ndarray, np.ndar
     return ids, labels
 
 
+class SpecialTokenText:
+    """The tokenizer's special tokens (``<|im_start|>``, ``</s>``...) spelled out in row text.
+
+    ``split`` puts back, in an encoding, the tokens of that text in place of the special token the
+    tokenizer made of it: a row can then neither forge a chat-template turn nor train an
+    end-of-sequence token it only spells.
+    """
+
+    def __init__(self, tokenizer):
+        specials = {
+            t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special and t.content
+        }
+        by_length = sorted(specials, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, by_length))) if specials else None
+        self.ids = np.asarray(sorted(specials.values()), np.int32)
+        self.as_text = {i: self._text_ids(tokenizer, text) for text, i in specials.items()}
+
+    @staticmethod
+    def _text_ids(tokenizer, text: str) -> np.ndarray:
+        """The tokens of ``text`` as plain text in the middle of a row."""
+        backend = tokenizer.backend_tokenizer
+        ids = [token.id for token in backend.model.tokenize(text)]  # no prefix space, no special tokens
+        if tokenizer.decode(ids) != text:  # a vocabulary of mapped bytes, and text beyond ASCII
+            from tokenizers import Tokenizer as Backend
+
+            plain = Backend.from_str(backend.to_str())
+            plain.encode_special_tokens = True
+            ids = plain.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, np.int32)
+
+    def count(self, value: Any) -> int:
+        """Special-token texts in every string inside ``value`` (a text, a conversation...)."""
+        if self.pattern is None:
+            return 0
+        return sum(len(self.pattern.findall(text)) for text in _strings(value))
+
+    def starts(self, text: str) -> list[int]:
+        return [match.start() for match in self.pattern.finditer(text)] if self.pattern else []
+
+    def neutral(self, value: Any) -> Any:
+        """``value`` with the first character of each special-token text replaced by ``NEUTRAL``."""
+        if isinstance(value, str):
+            return self.pattern.sub(lambda match: NEUTRAL + match.group()[1:], value)
+        if isinstance(value, dict):
+            return {key: self.neutral(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.neutral(item) for item in value]
+        return value
+
+    def split(self, encoding, ids: np.ndarray, labels: np.ndarray, starts: list[int]):
+        """``ids``/``labels`` with each special token that begins at a character in ``starts`` replaced
+        by the tokens of its text, trained as it was."""
+        starts, out_ids, out_labels, last = set(starts), [], [], 0
+        for token in np.flatnonzero(np.isin(ids, self.ids)):
+            chars = encoding.token_to_chars(int(token))
+            if chars is None or chars[0] not in starts:
+                continue
+            text_ids = self.as_text[int(ids[token])]
+            out_ids += [ids[last:token], text_ids]
+            out_labels += [
+                labels[last:token],
+                text_ids if labels[token] != IGNORE else np.full_like(text_ids, IGNORE),
+            ]
+            last = token + 1
+        if not last:
+            return ids, labels
+        return np.concatenate([*out_ids, ids[last:]]), np.concatenate([*out_labels, labels[last:]])
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
 class Tokenizer:
-    """Batched ``datasets.map`` function: canonical rows -> input_ids, labels, _status, _row."""
+    """Batched ``datasets.map`` function: canonical rows -> input_ids, labels, _status, _row, and the
+    counts _unlocated and _special (special-token texts in the row)."""
 
     def __init__(self, tokenizer, schema: str, *, sequence_len: int, excess_length: str, on_bad_rows: str,
-                 label: str, train_on: list[str], template_kwargs: dict[str, Any] | None = None):  # fmt: skip
+                 label: str, train_on: list[str], template_kwargs: dict[str, Any] | None = None,
+                 split_special_tokens: bool = True):  # fmt: skip
         self.tokenizer, self.schema, self.label = tokenizer, schema, label
         self.sequence_len, self.excess_length, self.on_bad_rows = sequence_len, excess_length, on_bad_rows
         self.warned = 0
         self.masker = ChatMasker(tokenizer, train_on, template_kwargs) if schema == "messages" else None
         self.eos = tokenizer.eos_token_id
+        self.special_text, self.split_special_tokens = SpecialTokenText(tokenizer), split_special_tokens
 
     def __call__(self, batch: dict[str, list]):
         records = batch["_row"]
-        unlocated, failed = [0] * len(records), set()
+        unlocated, failed, specials, split_at = [0] * len(records), set(), [0] * len(records), None
         if self.schema == "tokens":
             encoded = [
                 (np.asarray(i, np.int32), np.asarray(lab, np.int32))
@@ -285,7 +378,13 @@ class Tokenizer:
             ]
         elif self.schema == "messages":
             texts, spans, unlocated, failed = self._render(batch)
-            encoded = self._encode(texts, spans, special_tokens=False, eos=False)
+            specials = [
+                self.special_text.count([m, t])
+                for m, t in zip(batch["messages"], batch["tools"], strict=True)
+            ]
+            if self.split_special_tokens and any(specials):
+                split_at = self._content_starts(batch, texts, specials, failed)
+            encoded = self._encode(texts, spans, special_tokens=False, eos=False, split_at=split_at)
         else:
             if self.schema == "text":
                 texts = batch["text"]
@@ -293,11 +392,14 @@ class Tokenizer:
             else:
                 texts = [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
                 spans = [[(len(p), len(t))] for t, p in zip(texts, batch["prompt"], strict=True)]
-            encoded = self._encode(texts, spans, special_tokens=True, eos=True)
-        ids_out, labels_out, status_out, rows_out, unlocated_out = [], [], [], [], []
+            split_at = [self.special_text.starts(text) for text in texts]
+            specials = [len(starts) for starts in split_at]
+            split_at = split_at if self.split_special_tokens else None
+            encoded = self._encode(texts, spans, special_tokens=True, eos=True, split_at=split_at)
+        ids_out, labels_out, status_out, rows_out, unlocated_out, specials_out = [], [], [], [], [], []
         for j, ((ids, labels), record, missed) in enumerate(zip(encoded, records, unlocated, strict=True)):
             fitted = [(ids, labels, SKIPPED)] if j in failed else self._fit(ids, labels, record)
-            for ids_part, labels_part, status in fitted:
+            for part, (ids_part, labels_part, status) in enumerate(fitted):
                 if status in (OK, TRUNCATED):
                     labels_part[0] = IGNORE  # never predicted (no context), nor across packed sequences
                     if not (labels_part != IGNORE).any():
@@ -307,14 +409,54 @@ class Tokenizer:
                 status_out.append(status)
                 rows_out.append(record)
                 unlocated_out.append(missed)
-        return _arrow_batch(ids_out, labels_out, status_out, rows_out, unlocated_out)
+                specials_out.append(0 if part else specials[j])  # a row split in windows counts once
+        return _arrow_batch(ids_out, labels_out, status_out, rows_out, unlocated_out, specials_out)
 
-    def _encode(self, texts: list[str], spans: list, *, special_tokens: bool, eos: bool):
-        """[(input_ids, labels)] with the fast tokenizer (one batched call; offsets read only at span edges)."""
+    def _content_starts(
+        self, batch: dict[str, list], texts: list[str], specials: list[int], failed: set[int]
+    ):
+        """Where each rendered text has special-token text that came from the row, not from the chat
+        template: the rows are rendered again with that text neutralised, which moves no character."""
+        rows = [j for j, count in enumerate(specials) if count and j not in failed]
+        neutral = self.masker.render_rows(
+            [self.special_text.neutral(batch["messages"][j]) for j in rows],
+            [self.special_text.neutral(batch["tools"][j]) for j in rows],
+        )
+        split_at: list[list[int]] = [[] for _ in texts]
+        for j, other in zip(rows, neutral, strict=True):
+            if len(other) != len(texts[j]):
+                self._bad_row(
+                    j, batch["_row"][j], failed, "the chat template changes the special-token text in this row, "
+                    "so it cannot be kept as plain text; remove it from the row, or set data.split_special_tokens = false",
+                )  # fmt: skip
+                continue
+            split_at[j] = [start for start in self.special_text.starts(texts[j]) if other[start] == NEUTRAL]
+        return split_at
+
+    def _bad_row(self, j: int, record: int, failed: set[int], problem: str) -> None:
+        """Raise a DataError naming the row, or (``on_bad_rows = "skip"``) mark it skipped and log it."""
+        from ftcore.data.sources import line_number
+
+        if self.on_bad_rows == "raise":
+            raise DataError(
+                f'{problem}; fix the row or set on_bad_rows = "skip"',
+                file=self.label,
+                row=line_number(self.label, record),
+            )
+        self.warned += 1
+        if self.warned <= WARN_ROWS:
+            log.warning("%s, row %d: skipped: %s", self.label, line_number(self.label, record), problem)
+        failed.add(j)
+
+    def _encode(self, texts: list[str], spans: list, *, special_tokens: bool, eos: bool, split_at=None):
+        """[(input_ids, labels)] with the fast tokenizer (one batched call; offsets read only at span edges);
+        ``split_at[i]``: where text ``i`` has special-token text to keep as plain text."""
         encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=special_tokens)
         out = []
-        for encoding, text, text_spans in zip(encodings, texts, spans, strict=True):
+        for i, (encoding, text, text_spans) in enumerate(zip(encodings, texts, spans, strict=True)):
             ids, labels = token_labels(encoding, text_spans, len(text))
+            if split_at and split_at[i]:
+                ids, labels = self.special_text.split(encoding, ids, labels, split_at[i])
             if eos and (not len(ids) or ids[-1] != self.eos):
                 ids, labels = (
                     np.append(ids, self.eos).astype(np.int32),
@@ -356,21 +498,8 @@ class Tokenizer:
             try:
                 text, span, missed = self.masker([conversation], [tools])
             except Exception as exc:  # noqa: BLE001 - templates raise anything; report it as a bad row
-                from ftcore.data.sources import line_number
-
                 problem = f"the chat template cannot render this conversation: {type(exc).__name__}: {exc}"
-                if self.on_bad_rows == "raise":
-                    raise DataError(
-                        f'{problem}; fix the row or set on_bad_rows = "skip"',
-                        file=self.label,
-                        row=line_number(self.label, record),
-                    ) from None
-                self.warned += 1
-                if self.warned <= WARN_ROWS:
-                    log.warning(
-                        "%s, row %d: skipped: %s", self.label, line_number(self.label, record), problem
-                    )
-                failed.add(j)
+                self._bad_row(j, record, failed, problem)
                 text, span, missed = [""], [np.zeros((0, 2), dtype=np.int64)], [0]
             texts += text
             spans += span
@@ -379,8 +508,9 @@ class Tokenizer:
 
 
 def _arrow_batch(
-    ids: list[np.ndarray], labels: list[np.ndarray], status: list[int], rows: list[int], unlocated: list[int]
-):
+    ids: list[np.ndarray], labels: list[np.ndarray], status: list[int], rows: list[int], unlocated: list[int],
+    specials: list[int],
+):  # fmt: skip
     """The tokenized batch as an Arrow table (much cheaper for ``datasets`` to write than Python lists)."""
     import pyarrow as pa
 
@@ -393,4 +523,5 @@ def _arrow_batch(
     return pa.table({
         "input_ids": lists(ids), "labels": lists(labels), "_status": pa.array(status, pa.int8()),
         "_row": pa.array(rows, pa.int64()), "_unlocated": pa.array(unlocated, pa.int16()),
+        "_special": pa.array(specials, pa.int32()),
     })  # fmt: skip
