@@ -275,6 +275,8 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
     proc = ftcore("run", str(path), "--resume", "--set", "train.max_steps=40")
     assert proc.returncode == 0, proc.stderr
     assert max(_losses(tmp_path / "out")) == 40
+    rows = read_metrics(tmp_path / "out")  # the stopped run's summary row is gone, the resumed one's is last
+    assert [i for i, row in enumerate(rows) if "train_loss" in row] == [len(rows) - 1]
 
 
 def test_resume_refuses_a_changed_config_unless_forced(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _acquire(output_dir: Path, path: Path, source: str | None) -> int:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "a process that just started"
+        holder = _holder(handle)
         os.close(handle)
         raise refuse(
             f"{output_dir} is in use by another ftcore run ({holder}); wait for it to end or stop it, "
@@ -75,3 +76,13 @@ def _acquire(output_dir: Path, path: Path, source: str | None) -> int:
     os.ftruncate(handle, 0)
     os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     return handle
+
+
+def _holder(handle: int) -> str:
+    """What the lock file says about its holder (which writes it just after taking the lock)."""
+    for _ in range(20):
+        text = os.pread(handle, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "a process that has not said which"
