@@ -232,8 +232,11 @@ RESULT_NEUTRAL_KEYS = (
     "train.logging_steps",
     "train.eval_steps",
     "train.report_to",
+    "train.divergence",
+    "train.max_skipped_steps",
 )
-"""Config keys that may change between a run and its resume without changing the result."""
+"""Config keys that may change between a run and its resume without changing the result (the
+divergence settings change it only where the run would otherwise have non-finite weights)."""
 
 
 def check_resumable(

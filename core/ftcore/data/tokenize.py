@@ -289,20 +289,18 @@ class SpecialTokenText:
         by_length = sorted(specials, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, by_length))) if specials else None
         self.ids = np.asarray(sorted(specials.values()), np.int32)
-        self.as_text = {i: self._text_ids(tokenizer, text) for text, i in specials.items()}
+        self.as_text = {}  # special token id -> the tokens of its text as plain text in the middle of a row
+        backend, plain = tokenizer.backend_tokenizer, None
+        for text, i in specials.items():
+            ids = [token.id for token in backend.model.tokenize(text)]  # no prefix space, no special tokens
+            if tokenizer.decode(ids) != text:  # a vocabulary of mapped bytes, and text beyond ASCII
+                if plain is None:
+                    from tokenizers import Tokenizer as Backend
 
-    @staticmethod
-    def _text_ids(tokenizer, text: str) -> np.ndarray:
-        """The tokens of ``text`` as plain text in the middle of a row."""
-        backend = tokenizer.backend_tokenizer
-        ids = [token.id for token in backend.model.tokenize(text)]  # no prefix space, no special tokens
-        if tokenizer.decode(ids) != text:  # a vocabulary of mapped bytes, and text beyond ASCII
-            from tokenizers import Tokenizer as Backend
-
-            plain = Backend.from_str(backend.to_str())
-            plain.encode_special_tokens = True
-            ids = plain.encode(text, add_special_tokens=False).ids
-        return np.asarray(ids, np.int32)
+                    plain = Backend.from_str(backend.to_str())
+                    plain.encode_special_tokens = True
+                ids = plain.encode(text, add_special_tokens=False).ids
+            self.as_text[i] = np.asarray(ids, np.int32)
 
     def count(self, value: Any) -> int:
         """Special-token texts in every string inside ``value`` (a text, a conversation...)."""
