@@ -165,7 +165,8 @@ def test_the_lock_is_released_when_its_run_is_killed(live_run):
 
 
 @pytest.mark.slow
-def test_divergence_stops_with_exit_code_3_and_keeps_the_last_finite_checkpoint(tmp_path):
+def test_divergence_stops_with_exit_code_3_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(INHOUSE)
     path = write_config(
         tmp_path, "max_steps = 8\nsave_steps = 2\nsave_total_limit = 1", plugins='["inhouse.run_control"]'
     )
