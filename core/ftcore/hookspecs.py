@@ -149,7 +149,11 @@ def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in
 
 @hookspec
 def trainer_callbacks(config: Config) -> list[Any] | None:
-    """Return extra ``transformers.TrainerCallback`` instances for the trainer."""
+    """Return extra ``transformers.TrainerCallback`` instances for the trainer.
+
+    They run after the core's callbacks and before the divergence guard, which cancels any save
+    once the run has diverged.
+    """
 
 
 @hookspec
@@ -169,4 +173,8 @@ def restore_checkpoint_state(config: Config, state: dict[str, Any]) -> None:
 
 @hookspec
 def after_train(config: Config, result: Any) -> None:
-    """Runs once after training and the final save (``result`` is a ``ftcore.methods.RunResult``)."""
+    """Runs once after training and the final save (``result`` is a ``ftcore.methods.RunResult``).
+
+    Also after a run stopped by a signal or by divergence, with ``result.interrupted`` true and no
+    final model written; a diverged run then raises ``ftcore.errors.TrainingDiverged``.
+    """
