@@ -54,7 +54,11 @@ def cli(debug):
 @overrides_option
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in output_dir.")
 @click.option("--overwrite", is_flag=True, help="Delete a non-empty output_dir before training.")
-@click.option("--force", is_flag=True, help="With --resume: accept a changed config or dataset.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --resume: accept a changed config, dataset or base model, or a checkpoint without optimizer state.",
+)
 @click.option("--nproc", type=int, default=None, help="Launch N processes (GPUs) through torchrun.")
 def run(config_path, overrides, resume, overwrite, force, nproc):
     """Train with the config file CONFIG_PATH."""
