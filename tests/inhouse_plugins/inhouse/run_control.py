@@ -13,7 +13,6 @@ from pathlib import Path
 from ftcore.hookspecs import hookimpl
 
 name = "run_control"
-_saves = {"count": 0}
 
 
 def _flag(name: str) -> None:
@@ -35,15 +34,15 @@ def trainer_callbacks(config):
 
 
 @hookimpl
-def checkpoint_state(config):
-    _saves["count"] += 1
-    if str(_saves["count"]) == os.environ.get("FTCORE_TEST_STALL_AT_SAVE"):
+def checkpoint_state(run):
+    saves = run.stash[name] = run.stash.get(name, 0) + 1
+    if str(saves) == os.environ.get("FTCORE_TEST_STALL_AT_SAVE"):
         _flag("stalled-in-save")
         time.sleep(600)
-    return {"saves": _saves["count"]}
+    return {"saves": saves}
 
 
 @hookimpl
-def restore_checkpoint_state(config, state):
-    _saves["count"] = int(state["saves"])
+def restore_checkpoint_state(state, run):
+    run.stash[name] = int(state["saves"])
     _flag(f"restored-{state['saves']}")
