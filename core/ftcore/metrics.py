@@ -131,14 +131,16 @@ def write_report(output_dir: str | Path) -> Path:
 
 REPORT_SKIPS = {
     "step", "loss", "eval_loss", "learning_rate", "epoch", "tokens_seen", "num_input_tokens_seen",
-    "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
+    "train_runtime", "train_tokens_per_second", "eval_runtime", "eval_samples_per_second",
+    "eval_steps_per_second",
 }  # fmt: skip
 """Keys drawn elsewhere in the report, or counters and timings not worth a chart."""
 
 
 def _other_metrics(rows: list[dict]) -> list[str]:
-    """Numeric keys beside loss and learning rate (plugins' metrics included), without the end-of-training summary."""
-    names = {k for r in rows if "train_runtime" not in r for k, v in r.items() if _is_number(v)}
+    """Numeric keys beside loss and learning rate (plugins' metrics included); the end-of-training
+    summary row (``train_loss``, ``total_flos``, ...) is left out."""
+    names = {k for r in rows if "train_loss" not in r for k, v in r.items() if _is_number(v)}
     return sorted(names - REPORT_SKIPS)
 
 
