@@ -190,7 +190,8 @@ def test_listing_reports_broken_plugins_and_keeps_the_rest(sites):
     assert {"core.formats", "core.model", "core.sft"} <= {n for n, i in infos.items() if i.builtin}
     assert infos["faq"].config_table == "faq" and infos["faq"].error is None
     assert set(infos["faq"].hooks) == {
-        "config_section", "register_commands", "register_formats", "register_rewards", "trainer_callbacks",
+        "checkpoint_state", "config_section", "patch_model", "register_commands", "register_formats",
+        "register_rewards", "restore_checkpoint_state", "trainer_callbacks", "validate_config",
     }  # fmt: skip
     for name in ("broken", "misspelt", "badargs"):
         assert infos[name].error.startswith(f"plugin '{name}':")
