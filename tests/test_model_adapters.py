@@ -10,7 +10,7 @@ import torch
 from ftcore.config import validate_config
 from ftcore.errors import ConfigError
 from ftcore.model import load_model_and_tokenizer, save_pretrained
-from ftcore.testing import stories_model, tiny_model
+from ftcore.testing import stories_model
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
