@@ -6,8 +6,9 @@ any subset of a spec's arguments. ``docs/plugins.md`` walks through a complete p
 Plugins are found through the ``ftcore`` entry-point group and enabled by listing their
 name in the config's ``plugins = [...]``; core features are built-in plugins, always on.
 
-The run context: every hook that runs during ``ftcore run`` (from ``before_model_load`` on) also
-takes ``run``, a ``ftcore.methods.Run``: ``run.config``, ``run.output_dir``, ``run.model`` and
+The run context: every hook that runs during ``ftcore run`` once the config is validated
+(``restore_checkpoint_state``, the model hooks, ``trainer_callbacks``, ``compute_loss``,
+``checkpoint_state``, ``after_train``) also takes ``run``, a ``ftcore.methods.Run``: ``run.config``, ``run.output_dir``, ``run.model`` and
 ``run.tokenizer`` (as far as loading has got), ``run.trainer`` (once built), ``run.stash`` (plugin
 state for this run, keyed by plugin name) and ``run.log_metrics({name: number})`` (values that join
 the next logged row: metrics.jsonl, the ``report_to`` trackers and report.html). Config-time hooks

@@ -52,8 +52,8 @@ def finished_message(output_dir: Path) -> str:
 
 def check_config(config, plugins):
     """The checks of a validated config that need no weights and no data rows (``ftcore validate``
-    runs them; so do ``run`` and ``preprocess``, first): the method, and each dataset's format,
-    options, field mapping and settings. Returns the method class."""
+    runs them, and ``ftcore run`` first): the method, and each dataset's format, options, field
+    mapping and settings against the method's row schemas. Returns the method class."""
     from ftcore.data.prepare import dataset_specs
 
     method_cls = plugins.registry("method").get(config.train.method)

@@ -1,5 +1,6 @@
-"""An in-house plugin whose callback logs a metric with ``Run.log_metrics`` at every step, and a
-tracker-like callback that records every row it is handed (for the tests of the metrics route)."""
+"""An in-house plugin whose callback logs a metric with ``Run.log_metrics`` at every step, a
+tracker-like callback that records every row it is handed, and a metric logged too late, after
+training (for the tests of the metrics route)."""
 
 from ftcore.hookspecs import hookimpl
 
@@ -22,3 +23,11 @@ def trainer_callbacks(run):
             run.stash.setdefault(name, []).append({**logs, "first_callback": first})
 
     return [Probe(), Recorder()]
+
+
+@hookimpl
+def after_train(run):
+    try:
+        run.log_metrics({"probe/too_late": 1})
+    except RuntimeError as exc:  # the trackers are closed: an error, not a silent loss
+        run.stash["too_late"] = str(exc)
