@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +152,10 @@ class TrainedRun:
 
     result: Any
     """The ``ftcore.methods.RunResult`` (``global_step``, ``model``, ``stash``, ...)."""
-    metrics: list[dict] = field(default_factory=list)
+    metrics: list[dict]
     """The rows of metrics.jsonl."""
-    output_dir: Path | None = None
-    config: Any = None
+    output_dir: Path
+    config: Any
     """The validated config that ran."""
 
     @property
