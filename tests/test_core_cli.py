@@ -30,7 +30,6 @@ output_dir = "out"
 
 
 def write_config(folder: Path, extra: str = "") -> Path:
-    (folder / "qa.jsonl").write_text('{"question": "Why?", "answer": "Because."}\n')
     path = folder / "config.toml"
     path.write_text(CONFIG.format(extra=extra))
     (folder / "qa.jsonl").touch()

@@ -47,13 +47,8 @@ def test_discovered_through_entry_points_without_importing(sites):
     assert entry_point.value == "ftcore_faq.plugin" and entry_point.dist.name == "ftcore-faq"
 
 
-def write_rows(folder):
-    (folder / "qa.jsonl").write_text('{"question": "Why?", "answer": "Because."}\n')
-
-
 def test_enabled_plugin_contributes_table_registries_and_callbacks(sites, tmp_path):
     sites("faq")
-    write_rows(tmp_path)
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(plugins='["faq"]') + "\n[faq]\nstop_at_loss = 0.5\n")
     (tmp_path / "qa.jsonl").touch()
@@ -199,7 +194,6 @@ def test_listing_reports_broken_plugins_and_keeps_the_rest(sites):
 
 
 def test_trace_hooks_prints_calls_implementations_and_durations(ftcore_cli, tmp_path):
-    write_rows(tmp_path)
     path = tmp_path / "config.toml"
     path.write_text(CONFIG.format(plugins='["faq"]'))
     (tmp_path / "qa.jsonl").touch()
