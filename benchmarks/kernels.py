@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 QWEN3_0_6B = dict(
     vocab_size=151936,
@@ -47,6 +48,7 @@ GIB = 1024**3
 def train_steps(variant: str, batch_size: int, seq_len: int, steps: int, warmup: int = 2) -> dict:
     import torch
     from ftcore.config import validate_config
+    from ftcore.methods import Run
     from transformers import AutoConfig, AutoModelForCausalLM
 
     plugins, tables = VARIANTS[variant]
@@ -57,17 +59,18 @@ def train_steps(variant: str, batch_size: int, seq_len: int, steps: int, warmup:
         **tables,
     }
     config, plugins = validate_config(raw)
+    run = Run(config=config, plugins=plugins, output_dir=Path(config.train.output_dir))
     model_config = AutoConfig.for_model("qwen3", **QWEN3_0_6B)
-    plugins.hook.before_model_load(config=config, model_config=model_config)
+    plugins.hook.before_model_load(config=config, model_config=model_config, run=run)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(
             model_config, dtype=torch.bfloat16, attn_implementation="sdpa"
         )
-    plugins.hook.patch_model(config=config, model=model)
+    plugins.hook.patch_model(config=config, model=model, run=run)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model, run=run)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     input_ids = torch.randint(0, model_config.vocab_size, (batch_size, seq_len), device="cuda")
@@ -76,7 +79,7 @@ def train_steps(variant: str, batch_size: int, seq_len: int, steps: int, warmup:
 
     def step():
         loss = plugins.hook.compute_loss(
-            config=config, model=model, batch=batch, num_items_in_batch=num_items
+            config=config, model=model, batch=batch, num_items_in_batch=num_items, run=run
         )
         if loss is None:
             loss = model(**batch, num_items_in_batch=num_items).loss

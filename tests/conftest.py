@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+collect_ignore = ["fixtures"]  # the fixture plugins' own tests run installed (test_core_docs.py)
 
 
 @pytest.fixture(scope="session")

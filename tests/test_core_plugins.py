@@ -6,6 +6,7 @@ import textwrap
 import pytest
 from ftcore.config import load_config
 from ftcore.errors import PluginError
+from ftcore.methods import Run
 from ftcore.plugins import Plugins, describe_installed, installed_plugins
 
 CONFIG = """
@@ -60,7 +61,8 @@ def test_enabled_plugin_contributes_table_registries_and_callbacks(sites, tmp_pa
         1.0,
         0.0,
     ]
-    (callbacks,) = [c for c in plugins.hook.trainer_callbacks(config=config) if c]
+    run = Run(config=config, plugins=plugins, output_dir=tmp_path / "out")
+    (callbacks,) = [c for c in plugins.hook.trainer_callbacks(config=config, run=run) if c]
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     control = TrainerControl()
@@ -183,7 +185,8 @@ def test_listing_reports_broken_plugins_and_keeps_the_rest(sites):
     assert {"core.formats", "core.model", "core.sft"} <= {n for n, i in infos.items() if i.builtin}
     assert infos["faq"].config_table == "faq" and infos["faq"].error is None
     assert set(infos["faq"].hooks) == {
-        "config_section", "register_commands", "register_formats", "register_rewards", "trainer_callbacks",
+        "checkpoint_state", "config_section", "patch_model", "register_commands", "register_formats",
+        "register_rewards", "restore_checkpoint_state", "trainer_callbacks", "validate_config",
     }  # fmt: skip
     for name in ("broken", "misspelt", "badargs"):
         assert infos[name].error.startswith(f"plugin '{name}':")
@@ -213,7 +216,8 @@ def test_cli_lists_the_installed_fixture_plugin(ftcore_cli):
     assert faq == {
         "name": "faq", "module": "ftcore_faq.plugin", "distribution": "ftcore-faq", "version": "0.1.0",
         "builtin": False, "config_table": "faq", "error": None,
-        "hooks": ["config_section", "register_commands", "register_formats", "register_rewards", "trainer_callbacks"],
+        "hooks": ["checkpoint_state", "config_section", "patch_model", "register_commands", "register_formats",
+                  "register_rewards", "restore_checkpoint_state", "trainer_callbacks", "validate_config"],
     }  # fmt: skip
 
 
@@ -241,7 +245,7 @@ def test_plugin_format_through_the_registry(sites):
     row = faq({"question_prefix": "Q: ", "answer_prefix": " A: "}).convert(
         {"question": " Why? ", "answer": "Because."}
     )
-    assert row == {"prompt": "Q: Why? A: ", "completion": "Because."}
+    assert row == {"prompt": "Q: Why? A:", "completion": " Because."}  # the space trains with the answer
 
 
 def test_broken_plugins_warn_but_the_cli_still_works(ftcore_cli):

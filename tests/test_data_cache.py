@@ -121,3 +121,55 @@ def test_preprocess_reports_bad_rows_as_user_errors(tmp_path):
     assert "bad.jsonl, row 2: missing value for 'output'" in result.output
     result = CliRunner().invoke(cli, ["preprocess", str(write_config(tmp_path, path, on_bad_rows="skip"))])
     assert result.exit_code == 0 and "skipped          1 bad rows" in result.output
+
+
+SHOUT_PLUGIN = """
+from ftcore.data.formats import RowFormat
+from ftcore.hookspecs import hookimpl
+
+
+class Shout(RowFormat):
+    schema = "prompt_completion"
+    fields = ("prompt", "completion")
+
+    def convert(self, row):
+        return {"prompt": row["prompt"], "completion": row["completion"].upper()}
+
+
+@hookimpl
+def register_formats(register):
+    register("shout", "shoutpkg.plugin:Shout")
+"""
+
+
+def test_editing_a_format_s_code_changes_the_fingerprint(tmp_path, monkeypatch):
+    """An editable install keeps its version while its code changes: the format's source file counts."""
+    from ftcore.config import validate_config
+    from ftcore.data.cache import data_fingerprint
+    from ftcore.data.prepare import dataset_specs
+
+    (tmp_path / "shoutpkg").mkdir()
+    (tmp_path / "shoutpkg" / "__init__.py").write_text("")
+    module = tmp_path / "shoutpkg" / "plugin.py"
+    module.write_text(SHOUT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Say hi: ", "completion": "hi"}) + "\n")
+    raw = {
+        "plugins": ["shoutpkg.plugin"],
+        "model": {"base": str(stories_model())},
+        "datasets": [{"path": str(rows), "format": "shout"}],
+        "train": {"output_dir": str(tmp_path / "out")},
+    }
+    config, plugins = validate_config(raw, base_dir=tmp_path)
+    tokenizer = stories_tokenizer()
+
+    def fingerprint():
+        return data_fingerprint(
+            config, dataset_specs(config, plugins, ("prompt_completion",)), plugins, tokenizer
+        )
+
+    before = fingerprint()
+    assert fingerprint() == before
+    module.write_text(SHOUT_PLUGIN.replace(".upper()", ".lower()"))
+    assert fingerprint() != before

@@ -10,27 +10,17 @@ import torch
 from ftcore.config import validate_config
 from ftcore.errors import ConfigError
 from ftcore.model import load_model_and_tokenizer, save_pretrained
-from ftcore.testing import stories_model, tiny_model
+from ftcore.testing import stories_model
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 CHAT = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\nOnce upon a time, Lily ran.<|im_end|>\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """save a tiny random-init model of an architecture (with the stories tokenizer) once; return its folder."""
-    folders = {}
-
-    def make(architecture):
-        if architecture not in folders:
-            folder = tmp_path_factory.mktemp(architecture)
-            tiny_model(architecture).save_pretrained(folder)
-            AutoTokenizer.from_pretrained(stories_model()).save_pretrained(folder)
-            folders[architecture] = folder
-        return folders[architecture]
-
-    return make
+@pytest.fixture
+def tiny_base(ftcore_tiny_model_dir):
+    """A tiny random-init model folder of an architecture (with the stories tokenizer): ftcore.testing's."""
+    return ftcore_tiny_model_dir
 
 
 def load(tmp_path, base, adapter, **model):

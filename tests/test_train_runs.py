@@ -313,8 +313,6 @@ def test_an_online_rl_method_plugin_trains_and_resumes_through_the_core(tmp_path
     """TRL's GRPOTrainer behind an in-house method plugin: prompt rows, registered rewards, the
     core's callbacks and atomic checkpoints with plugin state; no core code knows about RL."""
     monkeypatch.syspath_prepend(INHOUSE)
-    from inhouse import online_rl
-
     path = write_config(
         tmp_path,
         f"""
@@ -345,15 +343,15 @@ learning_rate = 1e-4
     rows = [row for row in read_metrics(result.output_dir) if "loss" in row]
     assert len(rows) == 4
     assert {"reward", "rewards/mentions_answer/mean", "rewards/shorter_is_better/mean"} <= set(rows[0])
-    assert online_rl.rollouts["scored"] == 4 * 4  # 4 steps x 2 prompts x 2 generations
+    assert [row["online_rl/scored"] for row in rows] == [4, 8, 12, 16]  # Run.log_metrics, every step
+    assert result.stash["online_rl"] == {"scored": 4 * 4}  # 4 steps x 2 prompts x 2 generations
     step2 = result.output_dir / "checkpoints" / "step-000002"
     assert (step2 / COMPLETE).is_file()
     state = torch.load(step2 / "plugin_state.pt", weights_only=True)
     assert state["online_rl"] == {"scored": 8}
 
     shutil.rmtree(result.output_dir / "checkpoints" / "step-000004")
-    online_rl.rollouts["scored"] = -1
     config, plugins = load_config(path)
     resumed = run_training(config, plugins, resume=True)
     assert resumed.global_step == 4
-    assert online_rl.rollouts["scored"] == 8 + 2 * 4  # restored at step 2, then two more steps
+    assert resumed.stash["online_rl"] == {"scored": 8 + 2 * 4}  # restored at step 2, then two more steps

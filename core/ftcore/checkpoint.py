@@ -186,7 +186,7 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         aside = Path(args.output_dir) / f"{TRAINER_PREFIX}{state.global_step}"
         final = step_dir(self.run.output_dir, state.global_step)
-        plugin_state = self.run.plugins.call_each("checkpoint_state", config=self.run.config)
+        plugin_state = self.run.plugins.call_each("checkpoint_state", config=self.run.config, run=self.run)
         barrier()
         if _is_main(state) and aside.is_dir():
             import torch
@@ -261,7 +261,8 @@ def check_resumable(
         )
 
 
-def restore_plugin_state(checkpoint: Path, plugins, config) -> None:
+def restore_plugin_state(checkpoint: Path, run) -> None:
+    """Hand each enabled plugin the state it saved in ``checkpoint`` (``restore_checkpoint_state``)."""
     path = checkpoint / PLUGIN_STATE_FILE
     if not path.is_file():
         return
@@ -269,8 +270,10 @@ def restore_plugin_state(checkpoint: Path, plugins, config) -> None:
 
     states: dict[str, Any] = torch.load(path, weights_only=True)
     for plugin_name, state in states.items():
-        if plugin_name in plugins.infos:
-            plugins.call_one("restore_checkpoint_state", plugin_name, config=config, state=state)
+        if plugin_name in run.plugins.infos:
+            run.plugins.call_one(
+                "restore_checkpoint_state", plugin_name, config=run.config, state=state, run=run
+            )
 
 
 class StopSignalCallback(TrainerCallback):

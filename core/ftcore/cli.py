@@ -65,9 +65,10 @@ def run(config_path, overrides, resume, overwrite, force, nproc):
     from ftcore.config import load_config
     from ftcore.hub import offline_unless_reachable
     from ftcore.lock import run_lock
-    from ftcore.pipeline import check_output_dir
+    from ftcore.pipeline import check_config, check_output_dir
 
     config, plugins = load_config(config_path, overrides)
+    check_config(config, plugins)  # what validate checks, in the same order
     with run_lock(config):  # before anything in output_dir is read, deleted or written
         check_output_dir(config, resume=resume, overwrite=overwrite)
         offline_unless_reachable(config.hub_ids())
@@ -86,10 +87,12 @@ def run(config_path, overrides, resume, overwrite, force, nproc):
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @overrides_option
 def validate(config_path, overrides):
-    """Validate CONFIG_PATH and print the resolved config."""
+    """Validate CONFIG_PATH (every check that needs no weights and no data rows) and print the resolved config."""
     from ftcore.config import load_config
+    from ftcore.pipeline import check_config
 
-    config, _ = load_config(config_path, overrides)
+    config, plugins = load_config(config_path, overrides)
+    check_config(config, plugins)
     click.echo(config.to_toml(), nl=False)
 
 

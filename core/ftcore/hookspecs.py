@@ -6,14 +6,34 @@ any subset of a spec's arguments. ``docs/plugins.md`` walks through a complete p
 Plugins are found through the ``ftcore`` entry-point group and enabled by listing their
 name in the config's ``plugins = [...]``; core features are built-in plugins, always on.
 
+The run context: every hook that runs during ``ftcore run`` once the config is validated
+(``restore_checkpoint_state``, the model hooks, ``trainer_callbacks``, ``compute_loss``,
+``checkpoint_state``, ``after_train``) also takes ``run``, a ``ftcore.methods.Run``: ``run.config``, ``run.output_dir``, ``run.model`` and
+``run.tokenizer`` (as far as loading has got), ``run.trainer`` (once built), ``run.stash`` (plugin
+state for this run, keyed by plugin name) and ``run.log_metrics({name: number})`` (values that join
+the next logged row: metrics.jsonl, the ``report_to`` trackers and report.html). Config-time hooks
+(``config_section``, ``validate_config``, ``register_*``) have no run. (Contract change, issue 15:
+``run`` was added to the run-time hooks; implementations without it keep working.)
+
 Order of calls for ``ftcore run`` (see ``pipeline.py``)::
 
     config_section -> validate_config
     register_formats / register_methods / register_rewards   (registries, lazy)
+    restore_checkpoint_state                  (--resume only; before the model loads)
     before_model_load -> model_load_kwargs -> load_model -> patch_model
         -> (adapter) -> after_model_load
-    trainer_callbacks, compute_loss (every step), checkpoint_state (every save)
-    restore_checkpoint_state (on --resume) -> after_train
+    trainer_callbacks -> the method builds its trainer (data prepared)
+    training: compute_loss (every micro-batch), checkpoint_state (every save), callbacks
+    final save -> after_train
+
+Within a training step the trainer calls, in order: ``compute_loss`` for each micro-batch, the
+callbacks' ``on_step_end``, then (on logging steps) ``on_log`` and (on save steps) ``on_save``.
+Callbacks run in this order for every event: the core's metrics route (adds ``log_metrics``
+values to the row), Hugging Face's flow callback and ``report_to`` trackers, the core's callbacks
+(metrics.jsonl, progress, report, checkpoint -- which calls ``checkpoint_state`` --, signals), then
+the plugins' callbacks, in the order the config lists the plugins. So a value given to
+``log_metrics`` in ``on_step_end`` lands in that step's row; one given in ``on_log`` lands in the
+next row.
 
 Registries receive a ``register(name, target)`` callable. ``target`` is an import string
 (``"package.module:attribute"``) or a light object; import strings keep ``ftcore plugins``,
@@ -21,7 +41,8 @@ Registries receive a ``register(name, target)`` callable. ``target`` is an impor
 both.
 
 Plugin modules must not import torch (or anything heavy) at import time: import inside the
-hook bodies.
+hook bodies. ``ftcore validate`` imports the method class and the format classes a config names,
+so their modules must be light too.
 """
 
 from __future__ import annotations
@@ -36,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from pydantic import BaseModel
 
     from ftcore.config import Config
+    from ftcore.methods import Run, RunResult
 
 hookspec = pluggy.HookspecMarker("ftcore")
 hookimpl = pluggy.HookimplMarker("ftcore")
@@ -99,7 +121,7 @@ def register_rewards(register: Register) -> None:
 
 
 @hookspec
-def before_model_load(config: Config, model_config: Any) -> None:
+def before_model_load(config: Config, model_config: Any, run: Run) -> None:
     """Class-level patches that need the HF ``PretrainedConfig`` (``model_config``).
 
     Runs after the model config is read and before any weights load. Use it to patch the
@@ -109,7 +131,7 @@ def before_model_load(config: Config, model_config: Any) -> None:
 
 
 @hookspec
-def model_load_kwargs(config: Config, kwargs: dict[str, Any]) -> None:
+def model_load_kwargs(config: Config, kwargs: dict[str, Any], run: Run) -> None:
     """Adjust the keyword arguments of ``from_pretrained`` / ``from_config`` in place.
 
     Keys include ``dtype``, ``attn_implementation``, ``experts_implementation``,
@@ -118,7 +140,7 @@ def model_load_kwargs(config: Config, kwargs: dict[str, Any]) -> None:
 
 
 @hookspec(firstresult=True)
-def load_model(config: Config, kwargs: dict[str, Any]) -> Any:
+def load_model(config: Config, kwargs: dict[str, Any], run: Run) -> Any:
     """Build and return the model, or None to let the next implementation do it.
 
     The Hugging Face loader is built in and runs last (``trylast``); a plugin returning a
@@ -127,17 +149,21 @@ def load_model(config: Config, kwargs: dict[str, Any]) -> Any:
 
 
 @hookspec
-def patch_model(config: Config, model: Any) -> None:
-    """Module swaps and forward patches on the built model, before adapters are added."""
+def patch_model(config: Config, model: Any, run: Run) -> None:
+    """Module swaps and forward patches on the built model, before adapters are added.
+
+    ``run.tokenizer`` is loaded (and the embeddings resized to it); keep what a patch needs later
+    (a hook handle, a counter) in ``run.stash``.
+    """
 
 
 @hookspec
-def after_model_load(config: Config, model: Any) -> None:
+def after_model_load(config: Config, model: Any, run: Run) -> None:
     """Runs after adapters are added (``model`` may be a peft model). Verify patches here."""
 
 
 @hookspec(firstresult=True)
-def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in_batch: Any) -> Any:
+def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in_batch: Any, run: Run) -> Any:
     """Return the training loss for ``batch`` (a scalar tensor), or None for the default.
 
     Called inside the trainer's ``compute_loss`` for every micro-batch. The loss must be the
@@ -148,33 +174,43 @@ def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in
 
 
 @hookspec
-def trainer_callbacks(config: Config) -> list[Any] | None:
+def trainer_callbacks(config: Config, run: Run) -> list[Any] | None:
     """Return extra ``transformers.TrainerCallback`` instances for the trainer.
 
-    They run after the core's callbacks and before the divergence guard, which cancels any save
-    once the run has diverged.
+    Called once the model is loaded (``run.model``, ``run.tokenizer`` set), before the method builds
+    its trainer. The callbacks run after the core's (see the order above) and before the divergence
+    guard, which cancels any save once the run has diverged; give them ``run`` to reach
+    ``run.log_metrics`` and ``run.stash``.
     """
 
 
 @hookspec
-def checkpoint_state(config: Config) -> dict[str, Any] | None:
-    """Return this plugin's state to store in a checkpoint (JSON-serialisable or tensors).
+def checkpoint_state(config: Config, run: Run) -> dict[str, Any] | None:
+    """Return this plugin's state to store in a checkpoint, or None for none.
 
-    Called on every checkpoint save; the state is stored under the plugin's name and handed
-    back to the same plugin's ``restore_checkpoint_state`` on ``--resume``. Online-RL methods
-    keep replay buffers, rollout positions and generation-server state here.
+    Called on every checkpoint save (from the core's checkpoint callback, in ``on_save``, after the
+    trainer wrote its files). The values of all plugins are saved together in the checkpoint's
+    ``plugin_state.pt`` as ``{plugin name: state}`` and loaded with ``torch.load(weights_only=True)``,
+    so a state is made of dicts, lists, tuples, strings, numbers, booleans, None and tensors. Each
+    plugin gets back only its own state. Online-RL methods keep replay buffers, rollout positions
+    and generation-server state here; ``return run.stash.get("myplugin")`` is the usual body.
     """
 
 
 @hookspec
-def restore_checkpoint_state(config: Config, state: dict[str, Any]) -> None:
-    """Restore what this plugin returned from ``checkpoint_state`` (called on resume)."""
+def restore_checkpoint_state(config: Config, state: dict[str, Any], run: Run) -> None:
+    """Restore what this plugin returned from ``checkpoint_state``: on ``--resume``, before the model
+    loads, so every later hook and callback finds it (usually ``run.stash["myplugin"] = state``).
+
+    Called only for a plugin that saved a state in the checkpoint resumed from.
+    """
 
 
 @hookspec
-def after_train(config: Config, result: Any) -> None:
+def after_train(config: Config, result: RunResult, run: Run) -> None:
     """Runs once after training and the final save (``result`` is a ``ftcore.methods.RunResult``).
 
     Also after a run stopped by a signal or by divergence, with ``result.interrupted`` true and no
-    final model written; a diverged run then raises ``ftcore.errors.TrainingDiverged``.
+    final model written; a diverged run then raises ``ftcore.errors.TrainingDiverged``. Trackers are
+    closed by then: ``run.log_metrics`` raises; write extra files to ``run.output_dir``.
     """

@@ -1,8 +1,9 @@
 """Metrics, progress and report callbacks (usable by any HF-Trainer-based method).
 
 ``metrics.jsonl`` gets one JSON object per logged step (``step``, ``loss``, ``learning_rate``,
-``tokens_per_second``, ...; eval rows carry ``eval_*`` keys). ``report.html`` draws the loss and
-learning-rate curves; it is rewritten at every checkpoint and at the end. Only rank 0 writes.
+``tokens_per_second``, ...; eval rows carry ``eval_*`` keys; plugins add theirs with
+``Run.log_metrics``). ``report.html`` draws the loss and learning-rate curves and one chart per
+other numeric metric; it is rewritten at every checkpoint and at the end. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,27 @@ class MetricsCallback(TrainerCallback):
             handle.write(json.dumps(row) + "\n")
 
 
+class LoggedMetricsCallback(TrainerCallback):
+    """Adds the values of ``Run.log_metrics`` to each row the trainer logs.
+
+    The core puts it first among the trainer's callbacks, so the row holds them before any other
+    callback (the trackers of ``report_to``, metrics.jsonl, the report, plugins) sees it.
+    """
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pending = self.run.pop_metrics()
+        if logs is not None and pending:
+            logs.update(pending)
+            if state.log_history:  # the trainer recorded the row before calling the callbacks
+                state.log_history[-1].update(pending)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.run._training_done = True
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
@@ -91,6 +113,9 @@ def write_report(output_dir: str | Path) -> Path:
         _svg_chart("loss", [("train loss", train, "#1f77b4"), ("eval loss", evals, "#d62728")]),
         _svg_chart("learning rate", [("learning rate", lrs, "#2ca02c")]),
     ]
+    for name in _other_metrics(rows):
+        points = [(r["step"], r[name]) for r in rows if _is_number(r.get(name))]
+        charts.append(_svg_chart(name, [(name, points, "#9467bd")]))
     summary = (
         f"<p>{len(train)} logged steps; last step {train[-1][0]}; last loss {train[-1][1]:.4f}</p>"
         if train
@@ -107,6 +132,25 @@ def write_report(output_dir: str | Path) -> Path:
     tmp.write_text(page)
     tmp.replace(path)
     return path
+
+
+REPORT_SKIPS = {
+    "step", "loss", "eval_loss", "learning_rate", "epoch", "tokens_seen", "num_input_tokens_seen",
+    "train_runtime", "train_tokens_per_second", "eval_runtime", "eval_samples_per_second",
+    "eval_steps_per_second",
+}  # fmt: skip
+"""Keys drawn elsewhere in the report, or counters and timings not worth a chart."""
+
+
+def _other_metrics(rows: list[dict]) -> list[str]:
+    """Numeric keys beside loss and learning rate (plugins' metrics included); the end-of-training
+    summary row (``train_loss``, ``total_flos``, ...) is left out."""
+    names = {k for r in rows if "train_loss" not in r for k, v in r.items() if _is_number(v)}
+    return sorted(names - REPORT_SKIPS)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _svg_chart(title: str, series, width: int = 720, height: int = 260) -> str:

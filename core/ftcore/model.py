@@ -18,6 +18,7 @@ from ftcore.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from ftcore.config import Config
+    from ftcore.methods import Run
     from ftcore.plugins import Plugins
 
 
@@ -222,20 +223,28 @@ def load_hf_model(config: Config, kwargs: dict[str, Any]):
         raise _load_error(config.model.base, "model.base", config, exc) from None
 
 
-def load_model_and_tokenizer(config: Config, plugins: Plugins):
-    """Build the model of ``config`` through the model hooks; returns ``(model, tokenizer)``."""
-    tokenizer = load_tokenizer(config)
+def load_model_and_tokenizer(config: Config, plugins: Plugins, run: Run | None = None):
+    """Build the model of ``config`` through the model hooks; returns ``(model, tokenizer)``.
+
+    ``run`` is the run context the hooks receive (a new one for ``config.train.output_dir`` when
+    not given); its ``tokenizer`` and ``model`` are set as loading goes.
+    """
+    if run is None:
+        from ftcore.methods import Run
+
+        run = Run(config=config, plugins=plugins, output_dir=Path(config.train.output_dir))
+    tokenizer = run.tokenizer = load_tokenizer(config)
     model_config = load_model_config(config)
-    plugins.hook.before_model_load(config=config, model_config=model_config)
+    plugins.hook.before_model_load(config=config, model_config=model_config, run=run)
     kwargs = default_load_kwargs(config, model_config)
-    plugins.hook.model_load_kwargs(config=config, kwargs=kwargs)
-    model = plugins.hook.load_model(config=config, kwargs=kwargs)
+    plugins.hook.model_load_kwargs(config=config, kwargs=kwargs, run=run)
+    model = run.model = plugins.hook.load_model(config=config, kwargs=kwargs, run=run)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for settings in (model.config, model.generation_config):
         if settings is not None:
             settings.pad_token_id = tokenizer.pad_token_id
-    plugins.hook.patch_model(config=config, model=model)
+    plugins.hook.patch_model(config=config, model=model, run=run)
     if config.model.gradient_checkpointing:
         model.config.use_cache = False
         model.activation_checkpointing_enable(
@@ -243,8 +252,8 @@ def load_model_and_tokenizer(config: Config, plugins: Plugins):
             every_n_layers=config.model.checkpoint_every_n_layers,
         )
     if config.adapter:
-        model = add_adapter(config, model, tokenizer)
-    plugins.hook.after_model_load(config=config, model=model)
+        model = run.model = add_adapter(config, model, tokenizer)
+    plugins.hook.after_model_load(config=config, model=model, run=run)
     return model, tokenizer
 
 
@@ -327,12 +336,7 @@ def check_targets(config: Config, model) -> None:
                     key="adapter.targets",
                 )
     elif adapter.targets != "all-linear":
-        try:
-            pattern = re.compile(adapter.targets)
-        except re.error as exc:
-            raise ConfigError(
-                f"invalid regex {adapter.targets!r}: {exc}", file=config.source, key="adapter.targets"
-            ) from None
+        pattern = re.compile(adapter.targets)  # its syntax is checked with the config
         if not any(pattern.fullmatch(name) for name in modules):
             example = next(name for name in reversed(modules) if name and not list(modules[name].children()))
             raise ConfigError(

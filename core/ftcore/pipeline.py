@@ -62,6 +62,17 @@ def finished_message(output_dir: Path) -> str:
     )
 
 
+def check_config(config, plugins):
+    """The checks of a validated config that need no weights and no data rows (``ftcore validate``
+    runs them, and ``ftcore run`` first): the method, and each dataset's format, options, field
+    mapping and settings against the method's row schemas. Returns the method class."""
+    from ftcore.data.prepare import dataset_specs
+
+    method_cls = plugins.registry("method").get(config.train.method)
+    dataset_specs(config, plugins, method_cls.row_schemas)
+    return method_cls
+
+
 def run_training(config, plugins, *, resume: bool = False, overwrite: bool = False, force: bool = False):
     """Train per ``config``; returns a ``RunResult``. The output_dir lock is held throughout."""
     with run_lock(config):
@@ -82,19 +93,15 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         restore_plugin_state,
         select_checkpoint,
     )
-    from ftcore.data.prepare import dataset_specs
     from ftcore.hub import no_usage_calls
     from ftcore.methods import Run, RunResult
     from ftcore.model import load_model_and_tokenizer
-    from ftcore.train import run_callbacks
+    from ftcore.train import attach, run_callbacks
 
     no_usage_calls()
     hf_logging.set_verbosity_warning()
     output_dir = Path(config.train.output_dir)
-    method_cls = plugins.registry("method").get(config.train.method)
-    dataset_specs(
-        config, plugins, method_cls.row_schemas
-    )  # formats, options and files, before the model loads
+    method_cls = check_config(config, plugins)  # before the model loads
     if int(os.environ.get("RANK", "0")) == 0:  # one process guards, overwrites and cleans output_dir
         prepare_output_dir(config, resume=resume, overwrite=overwrite)
         if resume:
@@ -103,17 +110,23 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
             select_checkpoint(output_dir, force=force)  # sets damaged checkpoints aside, saying why
 
     set_seed(config.train.seed)
-    model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=output_dir)
-    run.callbacks = run_callbacks(run)
-    trainer = method_cls().build_trainer(run)
-    barrier()  # every process resumes from the checkpoint rank 0 verified: the newest one left
     checkpoint = latest_checkpoint(output_dir) if resume else None
+    run = Run(config=config, plugins=plugins, output_dir=output_dir)
+    if checkpoint is not None:
+        restore_plugin_state(checkpoint, run)  # first: every later hook finds the state in run.stash
+    model, tokenizer = load_model_and_tokenizer(config, plugins, run)
+    run.callbacks = run_callbacks(run)
+    trainer = attach(method_cls().build_trainer(run), run)
+    barrier()  # every process resumes from the checkpoint rank 0 verified: the newest one left
+    verified = latest_checkpoint(output_dir) if resume else None
+    if verified != checkpoint:  # this rank looked before rank 0 had set a damaged checkpoint aside
+        checkpoint = verified
+        if checkpoint is not None:
+            restore_plugin_state(checkpoint, run)
     if resume and checkpoint is None:
         print(f"ftcore: no complete checkpoint in {output_dir}; starting from the beginning")
     if checkpoint is not None:
         check_resumable(checkpoint, config, run.data_fingerprint, trainer.args.world_size, force)
-        restore_plugin_state(checkpoint, plugins, config)
         print(f"ftcore: resuming from {checkpoint}")
     if trainer.is_world_process_zero():
         (output_dir / "config.resolved.toml").write_text(config.to_toml())
@@ -145,8 +158,9 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         metrics=dict(output.metrics),
         interrupted=interrupted,
         model=trainer.model,
+        stash=run.stash,
     )
-    plugins.hook.after_train(config=config, result=result)
+    plugins.hook.after_train(config=config, result=result, run=run)
     if diverged:
         raise TrainingDiverged(divergence_message(diverged, output_dir))
     return result

@@ -1,15 +1,36 @@
-"""Helpers for tests: the one test-asset locator and tiny real-architecture models.
+"""Test helpers for ftcore and its plugins (public API), also a pytest plugin.
 
-The assets (the pretrained ``models/stories260K-hf`` and the ``data/`` subsets, listed with their
-sources and licences in ``ftcore/testdata/README.md``) ship inside the ftcore package, so a clone or
-a plugin's own tests find them with nothing set. ``FTCORE_TEST_ASSETS`` points the locator at
-another folder with the same layout instead.
+Installing ftcore registers this module as a pytest plugin (entry point ``pytest11``, name
+``ftcore``; ``pytest -p no:ftcore`` turns it off), so every test session has these fixtures:
+
+- ``ftcore_assets``: the assets folder (``models/``, ``data/``), a ``Path``.
+- ``ftcore_stories_model``: the real pretrained tiny Llama (stories260K), a ``Path`` to use as
+  ``model.base``.
+- ``ftcore_tiny_model_dir``: ``make(architecture="llama") -> Path``, a folder holding a tiny
+  random-init model of a real architecture (llama, qwen3, qwen3_moe, mixtral) with the stories
+  tokenizer, loadable as ``model.base``; made once per session and architecture.
+- ``run_ftcore``: ``run_ftcore(config=None, *, plugins=(), steps=None, resume=False,
+  overwrite=False) -> TrainedRun``, which trains in-process in the test's ``tmp_path`` (see ``train``).
+
+The same helpers work without pytest: ``asset``, ``stories_model``, ``tiny_config``, ``tiny_model``,
+``random_batch`` and ``train``. The assets (the pretrained ``models/stories260K-hf`` and the
+``data/`` subsets, listed with their sources and licences in ``ftcore/testdata/README.md``) ship
+inside the ftcore package, so a clone or a plugin's own tests find them with nothing set.
+``FTCORE_TEST_ASSETS`` points the locator at another folder with the same layout instead.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+try:
+    import pytest
+except ImportError:  # the helpers work without pytest; only the fixtures need it
+    pytest = None
 
 ASSETS_ENV = "FTCORE_TEST_ASSETS"
 PACKAGED_ASSETS = Path(__file__).resolve().parent / "testdata"
@@ -114,3 +135,123 @@ def random_batch(vocab_size: int, *, packed: bool, device: str = "cpu", seed: in
         )
         labels[:, [100, 180]] = -100
     return {key: value.to(device) for key, value in batch.items()}
+
+
+DEFAULT_DATASET = {
+    "path": "data/instructions/instructions_2000.jsonl",
+    "format": "prompt_completion",
+    "fields": {"prompt": "instruction", "completion": "output"},
+    "split": "train[:64]",
+}
+"""The dataset ``train`` uses when a config has none: 64 instruction rows as prompt/completion."""
+
+
+@dataclass
+class TrainedRun:
+    """What ``train`` (the ``run_ftcore`` fixture) returns."""
+
+    result: Any
+    """The ``ftcore.methods.RunResult`` (``global_step``, ``model``, ``stash``, ...)."""
+    metrics: list[dict]
+    """The rows of metrics.jsonl."""
+    output_dir: Path
+    config: Any
+    """The validated config that ran."""
+
+    @property
+    def stash(self) -> dict[str, Any]:
+        """The run's ``Run.stash`` at the end (plugin state)."""
+        return self.result.stash
+
+
+def train(
+    config: dict[str, Any] | None,
+    workdir: str | Path,
+    *,
+    plugins: list[str] | tuple[str, ...] = (),
+    steps: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> TrainedRun:
+    """Train in-process, as ``ftcore run`` does, and return the result, the metrics rows and output_dir.
+
+    ``config`` is a config as a dict (as read from TOML; relative paths resolve from ``workdir``);
+    what it leaves out is filled in: ``model.base`` = the stories260K model in float32, the
+    ``DEFAULT_DATASET``, ``train.output_dir`` = ``workdir/out``, ``data.cache_dir`` =
+    ``workdir/cache``, ``train.sequence_len`` = 128 and ``train.logging_steps`` = 1. ``plugins`` are
+    added to ``plugins`` (installed names or dotted module paths); ``steps`` sets
+    ``train.max_steps`` (default: the config's, else 2). ``resume`` and ``overwrite`` are ``ftcore
+    run``'s flags: call again with ``resume=True`` to continue the same output_dir.
+    """
+    from ftcore.config import validate_config
+    from ftcore.metrics import read_metrics
+    from ftcore.pipeline import run_training
+
+    workdir = Path(workdir)
+    raw = copy.deepcopy(config or {})
+    raw["plugins"] = list(dict.fromkeys([*raw.get("plugins", []), *plugins]))
+    model = raw.setdefault("model", {})
+    if "base" not in model:
+        model.update(base=str(stories_model()), dtype=model.get("dtype", "float32"))
+    if "datasets" not in raw:
+        raw["datasets"] = [{**DEFAULT_DATASET, "path": str(asset(DEFAULT_DATASET["path"]))}]
+    settings = raw.setdefault("train", {})
+    settings.setdefault("output_dir", str(workdir / "out"))
+    settings.setdefault("sequence_len", 128)
+    settings.setdefault("logging_steps", 1)
+    settings["max_steps"] = steps or settings.get("max_steps", 2)
+    raw.setdefault("data", {}).setdefault("cache_dir", str(workdir / "cache"))
+    validated, enabled = validate_config(raw, base_dir=workdir)
+    result = run_training(validated, enabled, resume=resume, overwrite=overwrite)
+    return TrainedRun(result, read_metrics(result.output_dir), result.output_dir, validated)
+
+
+def save_tiny_model(architecture: str, folder: str | Path) -> Path:
+    """Save a tiny random-init model of ``architecture`` with the stories tokenizer into ``folder``."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    tiny_model(architecture).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(stories_model()).save_pretrained(folder)
+    return folder
+
+
+def _fixture(*args, **kwargs):
+    """``pytest.fixture`` where pytest is installed; without it the functions stay plain."""
+    return pytest.fixture(*args, **kwargs) if pytest else lambda function: function
+
+
+@_fixture(scope="session")
+def ftcore_assets() -> Path:
+    """The assets folder (``models/``, ``data/``)."""
+    return assets_dir()
+
+
+@_fixture(scope="session")
+def ftcore_stories_model() -> Path:
+    """The real pretrained tiny Llama (stories260K): a folder to use as ``model.base``."""
+    return stories_model()
+
+
+@_fixture(scope="session")
+def ftcore_tiny_model_dir(tmp_path_factory):
+    """``make(architecture="llama") -> Path``: a tiny random-init model folder (with the stories tokenizer)."""
+    folders: dict[str, Path] = {}
+
+    def make(architecture: str = "llama") -> Path:
+        if architecture not in folders:
+            folders[architecture] = save_tiny_model(architecture, tmp_path_factory.mktemp(architecture))
+        return folders[architecture]
+
+    return make
+
+
+@_fixture
+def run_ftcore(tmp_path):
+    """``run_ftcore(config=None, *, plugins=(), steps=None, resume=False, overwrite=False) -> TrainedRun``:
+    ``train`` in the test's ``tmp_path``."""
+
+    def run(config: dict[str, Any] | None = None, **options) -> TrainedRun:
+        return train(config, tmp_path, **options)
+
+    return run

@@ -1,4 +1,4 @@
-"""The built-in ``sft`` method and the trainer pieces every HF-Trainer-based method shares."""
+"""The trainer pieces every HF-Trainer-based method shares (the built-in ``sft`` method included)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from ftcore.checkpoint import CheckpointCallback, DivergenceCallback, StopSignalCallback, checkpoints_dir
 from ftcore.distributed import distributed_arguments
-from ftcore.metrics import MetricsCallback, ReportCallback, RichProgressCallback
+from ftcore.metrics import LoggedMetricsCallback, MetricsCallback, ReportCallback, RichProgressCallback
 
 
 def mixed_precision(config) -> str:
@@ -88,8 +88,9 @@ def one_gpu_per_process(args: TrainingArguments) -> TrainingArguments:
 
 
 def run_callbacks(run) -> list:
-    """The core callbacks (metrics, progress, report, checkpoints, signals), plugins' ones, and the
-    divergence guard last (it cancels saves the others asked for)."""
+    """The core callbacks (metrics, progress, report, checkpoints, signals), then the plugins' ones in
+    the order the config lists the plugins, and the divergence guard last (it cancels saves the others
+    asked for)."""
     callbacks = [
         MetricsCallback(run.output_dir),
         RichProgressCallback(),
@@ -97,10 +98,18 @@ def run_callbacks(run) -> list:
         CheckpointCallback(run),
         StopSignalCallback(),
     ]
-    for extra in run.plugins.hook.trainer_callbacks(config=run.config):
+    for extra in reversed(run.plugins.hook.trainer_callbacks(config=run.config, run=run)):  # pluggy: LIFO
         callbacks.extend(extra or [])
     train = run.config.train
     return [*callbacks, DivergenceCallback(train.divergence, train.max_skipped_steps)]
+
+
+def attach(trainer, run):
+    """Make ``trainer`` the run's: ``run.trainer``, and the ``log_metrics`` route before every callback
+    (the ``report_to`` trackers Hugging Face puts first included)."""
+    run.trainer = trainer
+    trainer.callback_handler.callbacks.insert(0, LoggedMetricsCallback(run))
+    return trainer
 
 
 def remove_default_printer(trainer: Trainer) -> None:
@@ -155,7 +164,7 @@ class FtcoreTrainer(Trainer):
         if not return_outputs:
             run = self.ftcore_run
             loss = run.plugins.hook.compute_loss(
-                config=run.config, model=model, batch=inputs, num_items_in_batch=num_items_in_batch
+                config=run.config, model=model, batch=inputs, num_items_in_batch=num_items_in_batch, run=run
             )
             if loss is not None:
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -163,35 +172,4 @@ class FtcoreTrainer(Trainer):
                 return loss
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-
-
-class SFTMethod:
-    """Supervised fine-tuning on chat, prompt/completion, text or pre-tokenized rows."""
-
-    row_schemas = ("messages", "prompt_completion", "text", "tokens")
-
-    def build_trainer(self, run):
-        from ftcore.data import prepare_sft_data
-        from ftcore.data.collate import SFTCollator
-        from ftcore.speed import with_document_boundaries
-
-        bundle = prepare_sft_data(run.config, run.plugins, run.tokenizer)
-        run.data_fingerprint = bundle.fingerprint
-        args = one_gpu_per_process(
-            TrainingArguments(
-                **training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None)
-            )
-        )
-        return FtcoreTrainer(
-            model=run.model,
-            args=args,
-            train_dataset=bundle.train,
-            eval_dataset=bundle.eval,
-            data_collator=with_document_boundaries(
-                SFTCollator(run.tokenizer.pad_token_id, packed=run.config.train.packing), run.model
-            ),
-            processing_class=run.tokenizer,
-            callbacks=run.callbacks,
-            ftcore_run=run,
         )

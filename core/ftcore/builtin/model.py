@@ -1,6 +1,7 @@
 """Built-in Hugging Face model loader (the last ``load_model``) and config checks of [model]/[adapter]."""
 
 import importlib.util
+import re
 
 from ftcore.errors import ConfigError
 from ftcore.hookspecs import hookimpl
@@ -28,6 +29,11 @@ def validate_config(config):
             'set dropout = 0 and kind = "lora"',
             key="adapter.target_parameters",
         )
+    if isinstance(adapter.targets, str) and adapter.targets != "all-linear":
+        try:
+            re.compile(adapter.targets)
+        except re.error as exc:
+            raise ConfigError(f"invalid regex {adapter.targets!r}: {exc}", key="adapter.targets") from None
     if adapter.targets == [] and not adapter.target_parameters and not adapter.modules_to_save:
         raise ConfigError(
             "targets = [] leaves nothing to train: name modules, target_parameters or modules_to_save",

@@ -2,8 +2,9 @@
 
 The fingerprint hashes what decides the tokens: the data content (file bytes; a hub dataset's
 ``datasets`` fingerprint; a generator's options), the tokenizer (vocabulary, normalisation,
-special tokens, chat template), the formats (and the version of the plugin owning each) and the
-token-changing config values. It never includes ``output_dir``, ``num_proc`` or ``cache_dir``.
+special tokens, chat template), the formats (the version of the plugin owning each, and the source
+file of each format class) and the token-changing config values. It never includes
+``output_dir``, ``num_proc`` or ``cache_dir``.
 The cache is ``<data.cache_dir or ~/.cache/ftcore/data>/<fingerprint>/`` holding ``train/``,
 ``eval/`` (``save_to_disk`` folders) and ``stats.json``; it is written to a temporary sibling
 and renamed, so a cache folder is always complete.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,16 @@ def source_digest(spec) -> str:
     return digest([(str(f.relative_to(path)), file_digest(f)) for f in files])
 
 
+def code_digest(cls: type) -> str:
+    """Hash of the file defining ``cls`` (a format class): editing a format's code, even under an
+    editable install at the same version, changes the fingerprint. Classes without a file (made at
+    run time) hash their qualified name only."""
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if file is None or not Path(file).is_file():
+        return digest(cls.__module__, cls.__qualname__)
+    return digest(cls.__module__, cls.__qualname__, file_digest(Path(file)))
+
+
 def tokenizer_digest(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
@@ -79,7 +91,14 @@ def data_fingerprint(config, specs, plugins, tokenizer=None) -> str:
         owner = registry.owner(spec.format_name)
         section = spec.section.model_dump(mode="json", exclude={"path"})
         datasets_part.append(
-            [source_digest(spec), section, spec.excess_length, owner, plugins.infos[owner].version]
+            [
+                source_digest(spec),
+                section,
+                spec.excess_length,
+                owner,
+                plugins.infos[owner].version,
+                code_digest(type(spec.format)),
+            ]
         )
     data = config.data.model_dump(mode="json", exclude={"num_proc", "cache_dir"})
     train = {key: getattr(config.train, key) for key in ("sequence_len", "packing", "seed")}

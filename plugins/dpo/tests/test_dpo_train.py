@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from ftcore.checkpoint import step_dir
 from ftcore.config import load_config
 from ftcore.metrics import read_metrics
 from ftcore.model import load_model_and_tokenizer, load_tokenizer
-from ftcore.pipeline import run_training
 from ftcore_dpo.pairs import prepare_pairs
 from safetensors.torch import load_file
 
@@ -76,15 +76,15 @@ def test_lora_dpo_run_learns_the_preferences_and_its_adapter_reloads(make_config
 
 
 @pytest.mark.slow
-def test_weighted_sigmoid_plus_ipo_and_resume(make_config, chat_dataset, tmp_path):
+def test_weighted_sigmoid_plus_ipo_and_resume(make_config, chat_dataset, tmp_path, run_ftcore):
     path = make_config(
         chat_dataset,
-        train="max_steps = 6\nsave_steps = 3",
+        train="save_steps = 3",
         extra='[dpo]\nbeta = 0.5\nloss_type = ["sigmoid", "ipo"]\nloss_weights = [1.0, 0.5]',
     )
-    config, plugins = load_config(path)
-    reference = run_training(config, plugins)
-    losses = {row["step"]: row["loss"] for row in rows_with(reference.output_dir, "loss")}
+    config = tomllib.loads(path.read_text())
+    reference = run_ftcore(config, steps=6)
+    losses = {row["step"]: row["loss"] for row in reference.metrics if "loss" in row}
     # At step 1 the policy is the reference: sigmoid gives ln 2, ipo (0 - 1/(2 beta))^2 = 1, weighted 0.5.
     assert losses[1] == pytest.approx(0.6931 + 0.5, abs=1e-3)
     assert losses[6] < losses[1]
@@ -92,15 +92,15 @@ def test_weighted_sigmoid_plus_ipo_and_resume(make_config, chat_dataset, tmp_pat
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(step_dir(reference.output_dir, 3), step_dir(resumed_dir, 3))  # as if stopped after step 3
     shutil.copy(reference.output_dir / "metrics.jsonl", resumed_dir / "metrics.jsonl")
-    config, plugins = load_config(path, [f"train.output_dir={resumed_dir}"])
-    resumed = run_training(config, plugins, resume=True)
-    assert {row["step"]: row["loss"] for row in rows_with(resumed_dir, "loss")} == losses
+    config["train"]["output_dir"] = str(resumed_dir)
+    resumed = run_ftcore(config, steps=6, resume=True)
+    assert {row["step"]: row["loss"] for row in resumed.metrics if "loss" in row} == losses
     expected, got = (
         load_file(reference.output_dir / "adapter_model.safetensors"),
         load_file(resumed_dir / "adapter_model.safetensors"),
     )
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert resumed.global_step == 6
+    assert resumed.result.global_step == 6
 
 
 def build_trainer(path, overrides=()):

@@ -60,8 +60,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def check_model(model: nn.Module) -> int:
-    """Check every experts module can be served and select ``scattermoe``; returns how many there are."""
+def check_model(model: nn.Module, *, autotune: bool = True) -> int:
+    """Check every experts module can be served and select ``scattermoe`` (with ``autotune`` tiles or
+    fixed ones); returns how many there are."""
     register()
     found = 0
     for name, module in model.named_modules():
@@ -71,6 +72,7 @@ def check_model(model: nn.Module) -> int:
                 raise PluginError(
                     f"cannot serve {name} ({type(module).__name__}): {reason}. Supported: {SUPPORTED}."
                 )
+            module.scattermoe_autotune = autotune
             found += 1
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -102,7 +104,9 @@ def scattermoe_experts_forward(
     up_name = _up_name(self)
     up, down = _out_in(self, up_name), _out_in(self, "down_proj")
     num_tokens, k = top_k_index.shape
-    routing = flatten_sort_count(top_k_index, up.shape[0])
+    routing = flatten_sort_count(
+        top_k_index, up.shape[0], autotune=getattr(self, "scattermoe_autotune", True)
+    )
     x = hidden_states.to(up.dtype)
     h = ops.scatter_linear(
         x, up, routing, x_grouped=False, y_grouped=True, lora=_cast(lora.get(up_name), up.dtype)

@@ -38,7 +38,6 @@ GEMM_CONFIGS = [
     for group in GROUP_SIZES
 ]
 SMALL_N = 64  # outputs this narrow (the LoRA rank) use one fixed tile instead of autotuning
-autotune_enabled = True  # the [scattermoe] autotune option; off = GEMM_CONFIGS[0]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -266,7 +265,7 @@ def scatter2scatter(
     grid = lambda meta: (block_expert.numel() * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if INTERPRET:
         _scatter2scatter_body[grid](*args, **meta, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-    elif n > SMALL_N and autotune_enabled:
+    elif n > SMALL_N and routing.autotune:  # off: GEMM_CONFIGS[0]
         _scatter2scatter_tuned[grid](*args, **meta)
     elif n > SMALL_N:
         config = GEMM_CONFIGS[0]

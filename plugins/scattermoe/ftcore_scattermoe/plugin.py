@@ -48,10 +48,9 @@ def model_load_kwargs(config, kwargs):
 
 @hookimpl
 def patch_model(config, model):
-    from ftcore_scattermoe import experts, kernels
+    from ftcore_scattermoe import experts
 
-    kernels.autotune_enabled = config.scattermoe.autotune
-    count = experts.check_model(model)
+    count = experts.check_model(model, autotune=config.scattermoe.autotune)
     print(f"ftcore: scattermoe: {count} experts modules run on the ScatterMoE kernels")
 
 

@@ -18,6 +18,7 @@ class Routing:
     scattered_idxs: torch.Tensor  # (S,) token * k + slot of each grouped row
     expert_ends: torch.Tensor  # (E,) end offset of each expert's rows (int32)
     k: int
+    autotune: bool = True  # autotune the GEMM tiles (the [scattermoe] autotune option), else fixed tiles
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,10 +54,10 @@ class Routing:
         return self._blocks[block_m]
 
 
-def flatten_sort_count(top_k_index: torch.Tensor, num_experts: int) -> Routing:
+def flatten_sort_count(top_k_index: torch.Tensor, num_experts: int, *, autotune: bool = True) -> Routing:
     """Sort the flattened (token, slot) assignments of ``top_k_index`` [T, k] by expert."""
     flat = top_k_index.reshape(-1)
     expert_idxs, scattered_idxs = torch.sort(flat, stable=True)
     experts = torch.arange(num_experts, device=flat.device, dtype=expert_idxs.dtype)
     expert_ends = torch.searchsorted(expert_idxs, experts, right=True).to(torch.int32)
-    return Routing(expert_idxs, scattered_idxs, expert_ends, k=top_k_index.shape[-1])
+    return Routing(expert_idxs, scattered_idxs, expert_ends, k=top_k_index.shape[-1], autotune=autotune)

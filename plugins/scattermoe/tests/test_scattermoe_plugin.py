@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -139,21 +138,12 @@ def test_cpu_fallback_matches_eager(architecture, with_lora):
     compare_with_eager(architecture, with_lora, "cpu", torch.float32, tolerance=1e-5)
 
 
-def saved_tiny_moe(tmp_path):
-    """A tiny random Qwen3-MoE checkpoint folder with the stories tokenizer (512 tokens)."""
-    base = tmp_path / "tiny-qwen3-moe"
-    tiny_model("qwen3_moe").save_pretrained(base)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(stories_model() / name, base / name)
-    return base
-
-
-def test_core_loader_selects_kernels_and_fuses_expert_lora(tmp_path):
+def test_core_loader_selects_kernels_and_fuses_expert_lora(tmp_path, ftcore_tiny_model_dir):
     from ftcore.model import load_model_and_tokenizer
 
     raw = {
         "plugins": ["scattermoe"],
-        "model": {"base": str(saved_tiny_moe(tmp_path)), "dtype": "float32"},
+        "model": {"base": str(ftcore_tiny_model_dir("qwen3_moe")), "dtype": "float32"},
         "adapter": {"r": 4, "alpha": 8, "target_parameters": list(EXPERTS)},
         "train": {"output_dir": str(tmp_path / "out")},
     }
@@ -164,45 +154,22 @@ def test_core_loader_selects_kernels_and_fuses_expert_lora(tmp_path):
 
 
 @pytest.mark.slow
-def test_ftcore_run_trains_tiny_moe_with_expert_lora(tmp_path):
-    """`ftcore run` with the plugin: LoRA on the experts trains through the kernels and saves with peft."""
-    import json
-
-    from ftcore.metrics import read_metrics
-    from ftcore.testing import asset
+def test_training_a_tiny_moe_with_expert_lora(run_ftcore, ftcore_tiny_model_dir, capsys):
+    """A run with the plugin (in-process, as `ftcore run`): LoRA on the experts trains through the
+    kernels and saves with peft."""
     from safetensors.torch import load_file
 
-    config = tmp_path / "moe.toml"
-    config.write_text(f"""
-plugins = ["scattermoe"]
-[model]
-base = "{saved_tiny_moe(tmp_path)}"
-chat_template = "chatml"
-[adapter]
-r = 4
-alpha = 8
-targets = ["q_proj"]
-target_parameters = {json.dumps(EXPERTS)}
-[[datasets]]
-path = "{asset("data/instructions/instructions_2000.jsonl")}"
-format = "alpaca"
-excess_length = "truncate"
-[train]
-output_dir = "out"
-sequence_len = 128
-micro_batch_size = 2
-max_steps = 4
-learning_rate = 1e-2
-logging_steps = 1
-""")
-    result = subprocess.run(
-        [sys.executable, "-m", "ftcore.cli", "run", str(config)], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "scattermoe: 2 experts modules run on the ScatterMoE kernels" in result.stdout
-    assert "scattermoe: LoRA on 2 experts modules runs in the fused kernels" in result.stdout
-    losses = [row["loss"] for row in read_metrics(tmp_path / "out") if "loss" in row]
+    config = {
+        "model": {"base": str(ftcore_tiny_model_dir("qwen3_moe"))},
+        "adapter": {"r": 4, "alpha": 8, "targets": ["q_proj"], "target_parameters": EXPERTS},
+        "train": {"micro_batch_size": 2, "learning_rate": 1e-2},
+    }
+    trained = run_ftcore(config, plugins=["scattermoe"], steps=4)
+    printed = capsys.readouterr().out
+    assert "scattermoe: 2 experts modules run on the ScatterMoE kernels" in printed
+    assert "scattermoe: LoRA on 2 experts modules runs in the fused kernels" in printed
+    losses = [row["loss"] for row in trained.metrics if "loss" in row]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    adapter = load_file(trained.output_dir / "adapter_model.safetensors")
     expert_b = [t for name, t in adapter.items() if "experts" in name and "lora_B" in name]
     assert len(expert_b) == 4 and all(t.abs().sum() > 0 for t in expert_b)  # B starts at zero: dB trained it

@@ -6,12 +6,13 @@ It shows that an online-RL method fits without core changes; the real GRPO plugi
 async rollouts, importance-sampling correction) comes in its own package.
 """
 
+import functools
+
 from ftcore.config import Section
 from ftcore.hookspecs import hookimpl
 from pydantic import Field
 
 name = "online_rl"
-rollouts = {"scored": 0}  # what a replay buffer or rollout position would be: saved with every checkpoint
 
 
 class OnlineRLSection(Section):
@@ -24,7 +25,6 @@ class OnlineRLSection(Section):
 
 def mentions_answer(completions, answer, **kwargs):
     """1.0 when the completion contains the final number of a gsm8k answer, else 0.0."""
-    rollouts["scored"] += len(completions)
     return [
         float(solution.split("####")[-1].strip() in text)
         for text, solution in zip(completions, answer, strict=True)
@@ -33,6 +33,25 @@ def mentions_answer(completions, answer, **kwargs):
 
 def shorter_is_better(completions, **kwargs):
     return [-len(text) / 100 for text in completions]
+
+
+def rollout_state(run) -> dict:
+    """What a replay buffer or rollout position would be: kept in the run's stash, saved with every
+    checkpoint, restored on --resume."""
+    return run.stash.setdefault(name, {"scored": 0})
+
+
+def counting(reward, run):
+    """``reward``, counting the completions it scores in the run's rollout state (logged as a metric)."""
+
+    @functools.wraps(reward)  # TRL names the reward metrics after the function
+    def scored(completions, **columns):
+        state = rollout_state(run)
+        state["scored"] += len(completions)
+        run.log_metrics({"online_rl/scored": state["scored"]})
+        return reward(completions=completions, **columns)
+
+    return scored
 
 
 class ToyGRPO:
@@ -51,6 +70,7 @@ class ToyGRPO:
             config, dataset_specs(config, run.plugins, self.row_schemas), run.plugins
         )
         rewards = [run.plugins.registry("reward").get(reward) for reward in section.rewards]
+        rewards[0] = counting(rewards[0], run)  # every reward scores each completion: count once
         args = one_gpu_per_process(
             GRPOConfig(
                 **training_arguments(config, run.output_dir, has_eval=False),
@@ -83,10 +103,10 @@ def register_rewards(register):
 
 
 @hookimpl
-def checkpoint_state(config):
-    return {"scored": rollouts["scored"]}
+def checkpoint_state(run):
+    return dict(rollout_state(run))
 
 
 @hookimpl
-def restore_checkpoint_state(config, state):
-    rollouts["scored"] = state["scored"]
+def restore_checkpoint_state(state, run):
+    run.stash[name] = dict(state)

@@ -15,8 +15,6 @@ from pathlib import Path
 from ftcore.hookspecs import hookimpl
 
 name = "run_control"
-_saves = {"count": 0}
-_losses = {"count": 0}
 
 
 def _flag(name: str) -> None:
@@ -26,12 +24,12 @@ def _flag(name: str) -> None:
 
 
 @hookimpl
-def trainer_callbacks(config):
+def trainer_callbacks(run):
     from transformers import TrainerCallback
 
     class SlowSteps(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            _losses["count"] = state.global_step * args.gradient_accumulation_steps
+            run.stash[f"{name}.losses"] = state.global_step * args.gradient_accumulation_steps
 
         def on_step_end(self, args, state, control, **kwargs):
             _flag(f"step-{state.global_step}")
@@ -41,17 +39,17 @@ def trainer_callbacks(config):
 
 
 @hookimpl
-def checkpoint_state(config):
-    _saves["count"] += 1
-    if str(_saves["count"]) == os.environ.get("FTCORE_TEST_STALL_AT_SAVE"):
+def checkpoint_state(run):
+    saves = run.stash[name] = run.stash.get(name, 0) + 1
+    if str(saves) == os.environ.get("FTCORE_TEST_STALL_AT_SAVE"):
         _flag("stalled-in-save")
         time.sleep(600)
-    return {"saves": _saves["count"]}
+    return {"saves": saves}
 
 
 @hookimpl
-def restore_checkpoint_state(config, state):
-    _saves["count"] = int(state["saves"])
+def restore_checkpoint_state(state, run):
+    run.stash[name] = int(state["saves"])
     _flag(f"restored-{state['saves']}")
 
 
@@ -64,9 +62,9 @@ def _nan_steps() -> set[int]:
 
 
 @hookimpl
-def compute_loss(config, model, batch, num_items_in_batch):
-    _losses["count"] += 1
-    step = (_losses["count"] - 1) // config.train.gradient_accumulation_steps + 1
+def compute_loss(config, model, batch, num_items_in_batch, run):
+    losses = run.stash[f"{name}.losses"] = run.stash.get(f"{name}.losses", 0) + 1
+    step = (losses - 1) // config.train.gradient_accumulation_steps + 1
     if step in _nan_steps():
         return model(**batch).loss * float("nan")
     return None
