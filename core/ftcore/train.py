@@ -1,4 +1,4 @@
-"""The built-in ``sft`` method and the trainer pieces every HF-Trainer-based method shares."""
+"""The trainer pieces every HF-Trainer-based method shares (the built-in ``sft`` method: ftcore.builtin.sft)."""
 
 from __future__ import annotations
 
@@ -168,35 +168,4 @@ class FtcoreTrainer(Trainer):
                 pass  # found on the first step; from now on the model's own loss
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-
-
-class SFTMethod:
-    """Supervised fine-tuning on chat, prompt/completion, text or pre-tokenized rows."""
-
-    row_schemas = ("messages", "prompt_completion", "text", "tokens")
-
-    def build_trainer(self, run):
-        from ftcore.data import prepare_sft_data
-        from ftcore.data.collate import SFTCollator
-        from ftcore.speed import with_document_boundaries
-
-        bundle = prepare_sft_data(run.config, run.plugins, run.tokenizer)
-        run.data_fingerprint = bundle.fingerprint
-        args = one_gpu_per_process(
-            TrainingArguments(
-                **training_arguments(run.config, run.output_dir, has_eval=bundle.eval is not None)
-            )
-        )
-        return FtcoreTrainer(
-            model=run.model,
-            args=args,
-            train_dataset=bundle.train,
-            eval_dataset=bundle.eval,
-            data_collator=with_document_boundaries(
-                SFTCollator(run.tokenizer.pad_token_id, packed=run.config.train.packing), run.model
-            ),
-            processing_class=run.tokenizer,
-            callbacks=run.callbacks,
-            ftcore_run=run,
         )
