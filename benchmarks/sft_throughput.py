@@ -1,25 +1,31 @@
 """SFT throughput: ftcore against TRL's SFTTrainer on the same GPU, data, shapes and tokens per step.
 
-    python benchmarks/sft_throughput.py          # Llama-3.2-1B: TRL defaults (as shipped, and padded to equal tokens), TRL best, ftcore default and best
-    python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-packed-liger-flex,ftcore-liger-compile
+    python benchmarks/sft_throughput.py          # Llama-3.2-1B: the headline set (DEFAULT_CONFIGS)
+    python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-bf16-packed-liger-flex-nockpt,ftcore-liger-compile
     python benchmarks/sft_throughput.py --configs all   # every TRL and ftcore configuration
-    python benchmarks/sft_throughput.py --list          # the models and configurations
+    python benchmarks/sft_throughput.py --list          # the models and configurations, described
+    python benchmarks/sft_throughput.py --smoke         # a CPU check of the whole harness (a few minutes)
+    python benchmarks/sft_throughput.py --report results-*.jsonl   # the tables of earlier runs
 
-The default run (five configurations) takes about 7 minutes on one H100/H200: one configuration
-took 43-149 s on an H200, most of it start-up and compilation; run one model per GPU in parallel
-(CUDA_VISIBLE_DEVICES) to cover more.
+scripts/gpu_speed.sh runs the headline set for Llama-3.2-1B and Qwen3-0.6B in one GPU call. One
+configuration took 43-149 s on an H200, most of it start-up and compilation.
 
 Each configuration runs in its own process (``--worker``) with the same warm-up and timed step
 counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); the data is real
 text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with the stories260K tokenizer
-and fed to both trainers as the same token rows. TRL runs as it trains a model it is handed:
-float32 weights under bf16 autocast and its default gradient checkpointing, with packed rows
-padded to one shape (so flex attention compiles once); ``trl-defaults`` is SFTConfig as shipped
-(micro-batch 8), the other TRL configurations hold the tokens per step at about 8192. Reported: tokens/s of real tokens (padding
-not counted) of the median timed step and over all timed steps, peak GPU memory (allocated), MFU
-(6 * parameters * tokens/s over 989 TFLOP/s, H100/H200 dense bf16) and ratios against every TRL
-configuration measured in the same run. On an H100/H200 with the wheels of
-scripts/fetch_gpu_wheels.sh: ``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
+and fed to both trainers as the same token rows. TRL runs in every way a user would: as shipped
+(``trl-defaults``: a model handed over in float32, trained under bf16 autocast with gradient
+checkpointing, micro-batch 8 padded rows) and tuned for speed (packing, Liger, flex attention,
+and ``trl-bf16-*``: a bf16 checkpoint loaded by name with ``model_init_kwargs={"dtype":
+torch.bfloat16}``, with and without gradient checkpointing and ``torch_compile``); packed rows are
+padded to one shape so that flex attention compiles once, and every configuration but
+``trl-defaults`` holds about --tokens-per-step real tokens a step. Reported per configuration:
+tokens/s of real tokens (padding not counted) over all timed steps (the mean, the headline) and of
+the median timed step, peak GPU memory (allocated), MFU (6 * parameters * mean tokens/s over
+989 TFLOP/s, H100/H200 dense bf16); then ftcore's fastest configuration against the fastest TRL
+configuration of the same run (by the mean), and ftcore with no tuning keys against TRL as
+shipped. On an H100/H200 with the wheels of scripts/fetch_gpu_wheels.sh:
+``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
 """
 
 from __future__ import annotations
@@ -143,7 +149,7 @@ DEFAULT_CONFIGS = (
     "trl-bf16-packed-liger-flex",
     "trl-bf16-packed-liger-flex-nockpt-compile",
 )
-"""The headline set, most important first (a --deadline skips from the end)."""
+"""The headline set, most important first (a --budget leaves out from the end)."""
 SMOKE_CONFIGS = (
     PEER_DEFAULT,
     "trl-packed",
@@ -468,6 +474,14 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def record(result_file: Path, model: str, name: str, error: str) -> dict:
+    """A configuration that gave no result, appended to the results beside the others."""
+    row = {"model": model, "config": name, "error": error}
+    with result_file.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
 def read_results(paths: list[Path]) -> list[dict]:
     return [
         json.loads(line) for path in paths if path.exists() for line in path.read_text().splitlines() if line
@@ -495,8 +509,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="append each result as a JSON line to this file")
     parser.add_argument(
-        "--deadline", type=float, default=None, help="start no configuration after this many seconds"
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: a configuration starts only with --min-seconds left, and stops when none are",
     )
+    parser.add_argument("--min-seconds", type=float, default=90, help="see --budget")
     parser.add_argument(
         "--config-timeout", type=float, default=None, help="stop a configuration after this many seconds"
     )
@@ -562,16 +580,20 @@ def main(argv=None) -> int:
     try:
         for model in models:
             for name in configs:
-                if args.deadline is not None and time.monotonic() - started > args.deadline:
-                    results.append({"model": model, "config": name, "error": "skipped: --deadline"})
-                    continue
-                results.append(run_worker(model, name, work, result_file, args))
+                timeout = args.config_timeout
+                if args.budget is not None:
+                    left = args.budget - (time.monotonic() - started)
+                    if left < args.min_seconds:
+                        results.append(record(result_file, model, name, "not run: --budget spent"))
+                        continue
+                    timeout = min(timeout or left, left)
+                results.append(run_worker(model, name, work, result_file, args, timeout))
     finally:
         print(report(results))
     return 0
 
 
-def run_worker(model: str, name: str, work: Path, result_file: Path, args) -> dict:
+def run_worker(model: str, name: str, work: Path, result_file: Path, args, timeout: float | None) -> dict:
     """Run one configuration in its own process; its result, or its error."""
     started = time.perf_counter()
     command = [sys.executable, __file__, "--worker", name, "--model", model, "--work", str(work),
@@ -584,9 +606,9 @@ def run_worker(model: str, name: str, work: Path, result_file: Path, args) -> di
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
         try:
-            code = process.wait(timeout=args.config_timeout)
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            code = f"timed out after {args.config_timeout:.0f} s"
+            code = f"stopped after {timeout:.0f} s"
         finally:  # a timeout, or this driver stopped by a signal: the worker goes too
             if process.poll() is None:
                 process.kill()
@@ -595,7 +617,7 @@ def run_worker(model: str, name: str, work: Path, result_file: Path, args) -> di
     found = next((r for r in reversed(done) if r["model"] == model and r["config"] == name), None)
     if code or found is None:
         tail = " / ".join(log.read_text().strip().splitlines()[-3:])
-        found = {"model": model, "config": name, "error": f"exit {code}: {tail}"[:300]}
+        found = record(result_file, model, name, f"exit {code}: {tail}"[:300])
     summary = (
         f"{found['mean_tokens_per_second']:,.0f} tok/s (mean)"
         if "mean_tokens_per_second" in found
