@@ -1,25 +1,31 @@
 """SFT throughput: ftcore against TRL's SFTTrainer on the same GPU, data, shapes and tokens per step.
 
-    python benchmarks/sft_throughput.py          # Llama-3.2-1B: TRL defaults (as shipped, and padded to equal tokens), TRL best, ftcore default and best
-    python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-packed-liger-flex,ftcore-liger-compile
+    python benchmarks/sft_throughput.py          # Llama-3.2-1B: the headline set (DEFAULT_CONFIGS)
+    python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-bf16-packed-liger-flex-nockpt,ftcore-liger-compile
     python benchmarks/sft_throughput.py --configs all   # every TRL and ftcore configuration
-    python benchmarks/sft_throughput.py --list          # the models and configurations
+    python benchmarks/sft_throughput.py --list          # the models and configurations, described
+    python benchmarks/sft_throughput.py --smoke         # a CPU check of the whole harness (a few minutes)
+    python benchmarks/sft_throughput.py --report results-*.jsonl   # the tables of earlier runs
 
-The default run (five configurations) takes about 7 minutes on one H100/H200: one configuration
-took 43-149 s on an H200, most of it start-up and compilation; run one model per GPU in parallel
-(CUDA_VISIBLE_DEVICES) to cover more.
+scripts/gpu_speed.sh runs the headline set for Llama-3.2-1B and Qwen3-0.6B in one GPU call. One
+configuration took 43-149 s on an H200, most of it start-up and compilation.
 
 Each configuration runs in its own process (``--worker``) with the same warm-up and timed step
 counts. Models are random-init real architectures (Llama-3.2-1B, Qwen3-0.6B); the data is real
 text (gsm8k, hh-rlhf, oasst1 from the test assets) tokenized once with the stories260K tokenizer
-and fed to both trainers as the same token rows. TRL runs as it trains a model it is handed:
-float32 weights under bf16 autocast and its default gradient checkpointing, with packed rows
-padded to one shape (so flex attention compiles once); ``trl-defaults`` is SFTConfig as shipped
-(micro-batch 8), the other TRL configurations hold the tokens per step at about 8192. Reported: tokens/s of real tokens (padding
-not counted) of the median timed step and over all timed steps, peak GPU memory (allocated), MFU
-(6 * parameters * tokens/s over 989 TFLOP/s, H100/H200 dense bf16) and ratios against every TRL
-configuration measured in the same run. On an H100/H200 with the wheels of
-scripts/fetch_gpu_wheels.sh: ``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
+and fed to both trainers as the same token rows. TRL runs in every way a user would: as shipped
+(``trl-defaults``: a model handed over in float32, trained under bf16 autocast with gradient
+checkpointing, micro-batch 8 padded rows) and tuned for speed (packing, Liger, flex attention,
+and ``trl-bf16-*``: a bf16 checkpoint loaded by name with ``model_init_kwargs={"dtype":
+torch.bfloat16}``, with and without gradient checkpointing and ``torch_compile``); packed rows are
+padded to one shape so that flex attention compiles once, and every configuration but
+``trl-defaults`` holds about --tokens-per-step real tokens a step. Reported per configuration:
+tokens/s of real tokens (padding not counted) over all timed steps (the mean, the headline) and of
+the median timed step, peak GPU memory (allocated), MFU (6 * parameters * mean tokens/s over
+989 TFLOP/s, H100/H200 dense bf16); then ftcore's fastest configuration against the fastest TRL
+configuration of the same run (by the mean), and ftcore with no tuning keys against TRL as
+shipped. On an H100/H200 with the wheels of scripts/fetch_gpu_wheels.sh:
+``source scripts/gpu_setup.sh && python benchmarks/sft_throughput.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
@@ -61,18 +68,54 @@ MODELS = {
 }  # fmt: skip
 DEFAULT_MODELS = ("llama-1b",)
 
-# TRL configurations: (packed, liger, attention, micro-batch). Padded rows use TRL's default
-# max_length 1024. "trl-defaults" is SFTConfig as shipped (micro-batch 8); the others hold the
-# tokens per step at about TOKENS_PER_STEP (micro-batch None: as many padded rows as that takes).
+
+@dataclass(frozen=True)
+class TrlSetup:
+    """One TRL configuration. Defaults are TRL's: float32 weights (what ``SFTTrainer`` loads by name
+    unless told a dtype) under bf16 autocast, gradient checkpointing, SDPA, no Liger, no compile."""
+
+    packed: bool
+    liger: bool = False
+    attention: str = "sdpa"
+    micro_batch: int | None = None  # None: as many padded rows as make about --tokens-per-step
+    bf16_weights: bool = False  # loaded by name with model_init_kwargs={"dtype": torch.bfloat16}
+    checkpointing: bool = True
+    compile: bool = False  # SFTConfig(torch_compile=True)
+
+    def describe(self) -> str:
+        rows = "packed" if self.packed else f"padded, micro-batch {self.micro_batch or 'to ~tokens/step'}"
+        parts = [
+            "bf16 weights" if self.bf16_weights else "fp32 weights + bf16 autocast",
+            "checkpointing" if self.checkpointing else "no checkpointing",
+            rows,
+            "flex" if self.attention == "flex_attention" else self.attention,
+            *(["liger"] if self.liger else []),
+            *(["torch_compile"] if self.compile else []),
+        ]
+        return "TRL: " + ", ".join(parts)
+
+
+FLEX = "flex_attention"
 TRL = {
-    "trl-defaults": (False, False, "sdpa", 8),
-    "trl-padded": (False, False, "sdpa", None),
-    "trl-packed": (True, False, "sdpa", None),
-    "trl-packed-liger": (True, True, "sdpa", None),
-    "trl-packed-flex": (True, False, "flex_attention", None),
-    "trl-packed-liger-flex": (True, True, "flex_attention", None),
+    "trl-defaults": TrlSetup(packed=False, micro_batch=8),  # SFTConfig as shipped
+    "trl-padded": TrlSetup(packed=False),
+    "trl-packed": TrlSetup(packed=True),
+    "trl-packed-liger": TrlSetup(packed=True, liger=True),
+    "trl-packed-flex": TrlSetup(packed=True, attention=FLEX),
+    "trl-packed-liger-flex": TrlSetup(packed=True, liger=True, attention=FLEX),
+    # a bf16 checkpoint loaded by name, as a TRL user tuning for speed would
+    "trl-bf16-packed-nockpt": TrlSetup(packed=True, bf16_weights=True, checkpointing=False),
+    "trl-bf16-packed-nockpt-compile": TrlSetup(
+        packed=True, bf16_weights=True, checkpointing=False, compile=True
+    ),
+    "trl-bf16-packed-liger-flex": TrlSetup(packed=True, liger=True, attention=FLEX, bf16_weights=True),
+    "trl-bf16-packed-liger-flex-nockpt": TrlSetup(
+        packed=True, liger=True, attention=FLEX, bf16_weights=True, checkpointing=False
+    ),
+    "trl-bf16-packed-liger-flex-nockpt-compile": TrlSetup(
+        packed=True, liger=True, attention=FLEX, bf16_weights=True, checkpointing=False, compile=True
+    ),
 }
-PEER_BEST = "trl-packed-liger-flex"
 PEER_DEFAULT = "trl-defaults"
 
 # ftcore configurations: config overrides on top of a packed SFT config with no tuning keys.
@@ -89,6 +132,7 @@ def liger_compile(every_n_layers: int | None = None) -> dict:
 
 FTCORE = {
     "ftcore-default": {},
+    "ftcore-compile": {"model": {"compile": True}},
     "ftcore-liger": {"plugins": ["liger"]},
     "ftcore-cce-compile": {"plugins": ["cce"], "model": {"compile": True}},
     "ftcore-liger-compile": liger_compile(),
@@ -96,14 +140,51 @@ FTCORE = {
     "ftcore-liger-compile-ckpt2": liger_compile(every_n_layers=2),
     "ftcore-liger-compile-ckpt4": liger_compile(every_n_layers=4),
 }
-DEFAULT_CONFIGS = (PEER_DEFAULT, "trl-padded", PEER_BEST, "ftcore-default", "ftcore-liger-compile")
+DEFAULT_CONFIGS = (
+    "ftcore-liger-compile",
+    "trl-bf16-packed-liger-flex-nockpt",
+    "trl-packed-liger-flex",
+    "ftcore-default",
+    PEER_DEFAULT,
+    "trl-bf16-packed-liger-flex",
+    "trl-bf16-packed-liger-flex-nockpt-compile",
+)
+"""The headline set, most important first (a --budget leaves out from the end)."""
+SMOKE_CONFIGS = (
+    PEER_DEFAULT,
+    "trl-packed",
+    "trl-bf16-packed-nockpt",
+    "trl-bf16-packed-nockpt-compile",
+    "ftcore-default",
+    "ftcore-compile",
+)
+"""What runs on a CPU (no Liger, no flex attention): ``--smoke`` checks the harness end to end."""
+
+
+def describe(name: str) -> str:
+    if name in TRL:
+        return TRL[name].describe()
+    keys = []
+    for table, values in FTCORE[name].items():
+        if table == "plugins":
+            keys.append(f"plugins={'+'.join(values)}")
+            continue
+        for key, value in values.items():
+            if value is True:
+                keys.append(f"{table}.{key}")
+            elif value is not False:
+                keys.append(f"{table}.{key}={value}")
+    return "ftcore: " + (", ".join(keys) or "no tuning keys")
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared inputs: model folders (config + tokenizer) and the token rows.
+# Shared inputs: model folders (config + tokenizer, bf16 weights where a TRL configuration loads
+# them by name) and the token rows.
 
 
-def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
+def prepare_inputs(
+    work: Path, models: list[str], configs: list[str], rows: int, tokens_per_step: int
+) -> dict:
     """Write one folder per model shape and ``rows.jsonl`` of real token rows; return their description."""
     from ftcore.testing import asset, stories_model
     from transformers import AutoConfig, AutoTokenizer
@@ -116,6 +197,8 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
         config = AutoConfig.for_model(shape.pop("model_type"), **shape, bos_token_id=1, eos_token_id=2)
         config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        if any(c in TRL and TRL[c].bf16_weights for c in configs):
+            save_bf16_checkpoint(folder, work / f"{name}-bf16")
     texts = []
     for line in asset("data/gsm8k/train_first300.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -127,7 +210,7 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
     random.Random(0).shuffle(texts)
     ids = tokenizer(texts[:rows], add_special_tokens=False)["input_ids"]
     token_rows = [
-        [tokenizer.bos_token_id, *row[: TOKENS_PER_STEP - 2], tokenizer.eos_token_id] for row in ids
+        [tokenizer.bos_token_id, *row[: tokens_per_step - 2], tokenizer.eos_token_id] for row in ids
     ]
     with (work / "rows.jsonl").open("w") as handle:
         for row in token_rows:
@@ -136,8 +219,22 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
     return {
         "rows": len(lengths),
         "median_row": lengths[len(lengths) // 2],
-        "mean_row": sum(lengths) / len(lengths),
+        "mean_row": round(sum(lengths) / len(lengths), 1),
+        "tokens_per_step": tokens_per_step,
     }
+
+
+def save_bf16_checkpoint(source: Path, target: Path) -> None:
+    """A random-init bf16 checkpoint of ``source``'s config (safetensors + tokenizer), as a hub model folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,10 +244,11 @@ def prepare_inputs(work: Path, models: list[str], rows: int) -> dict:
 def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | None = None):
     """A TrainerCallback timing steps warmup+1 .. warmup+steps and counting the real tokens they see.
 
-    Step times come from CUDA events recorded at each step end (no host sync inside the window);
-    the median step sets tokens/s, so a one-off stall (a Triton kernel compiled for a new shape)
-    moves neither trainer's number. With ``profile_path``, the two steps after the timed ones run
-    under torch.profiler and its kernel table (by GPU time) is written there.
+    Step times come from CUDA events recorded at each step end (no host sync inside the window).
+    Reported: tokens/s over all timed steps (the mean, the headline) and of the median step (a
+    one-off stall, a Triton kernel compiled for a new shape, moves it less). With
+    ``profile_path``, the two steps after the timed ones run under torch.profiler and its kernel
+    table (by GPU time) is written there.
     """
     import torch
     from transformers import TrainerCallback
@@ -232,28 +330,36 @@ def run_trl(name: str, model_dir: Path, work: Path, args, callback, info: dict) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    packed, liger, attention, micro_batch = TRL[name]
+    setup, tokens_per_step = TRL[name], args.tokens_per_step
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(PAD_ID)
     rows = [json.loads(line) for line in (work / "rows.jsonl").read_text().splitlines()]
-    max_length = TOKENS_PER_STEP if packed else 1024  # 1024: TRL's default max_length
+    max_length = tokens_per_step if setup.packed else 1024  # 1024: TRL's default max_length
     mean = sum(min(len(r["input_ids"]), max_length) for r in rows) / len(rows)
-    batch_size = micro_batch or (1 if packed else max(1, round(TOKENS_PER_STEP / mean)))
+    batch_size = setup.micro_batch or (1 if setup.packed else max(1, round(tokens_per_step / mean)))
     info.update(micro_batch=batch_size, max_length=max_length)
-    torch.manual_seed(0)  # float32 weights under bf16 autocast, as TRL trains a model it is handed
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.from_pretrained(model_dir), attn_implementation=attention
-    )
+    if setup.bf16_weights:  # a bf16 checkpoint by name, as TRL loads a hub model
+        model, init = (
+            str(work / f"{args.model}-bf16"),
+            {"dtype": torch.bfloat16, "attn_implementation": setup.attention},
+        )
+    else:  # float32 weights under bf16 autocast, as TRL trains a model it is handed
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(model_dir)
+        model, init = AutoModelForCausalLM.from_config(config, attn_implementation=setup.attention), None
     config = SFTConfig(
         output_dir=str(work / f"out-{name}"), max_steps=total_steps(args), per_device_train_batch_size=batch_size,
-        learning_rate=2e-5, bf16=torch.cuda.is_available(), logging_steps=args.warmup + args.steps, save_strategy="no", report_to="none",
-        packing=packed, max_length=max_length, use_liger_kernel=liger, seed=42, disable_tqdm=True,
-        pad_to_multiple_of=max_length if packed else None,  # one shape: flex attention compiles once
+        learning_rate=2e-5, bf16=torch.cuda.is_available(), logging_steps=args.warmup + args.steps, save_strategy="no",
+        report_to="none", packing=setup.packed, max_length=max_length, use_liger_kernel=setup.liger, seed=42,
+        disable_tqdm=True, gradient_checkpointing=setup.checkpointing, torch_compile=setup.compile,
+        model_init_kwargs=init,
+        pad_to_multiple_of=max_length if setup.packed else None,  # one shape: flex attention compiles once
     )  # fmt: skip
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         callbacks=[callback],
     )  # fmt: skip
+    info["weights_dtype"] = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
     trainer.train()
 
 
@@ -269,7 +375,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, info: dic
         "datasets": [{"path": str(work / "rows.jsonl"), "format": "pretokenized"}],
         "data": {"cache_dir": str(work / "cache")},
         "train": {
-            "output_dir": str(work / f"out-{name}"), "packing": True, "sequence_len": TOKENS_PER_STEP,
+            "output_dir": str(work / f"out-{name}"), "packing": True, "sequence_len": args.tokens_per_step,
             "max_steps": total_steps(args), "logging_steps": args.warmup + args.steps, "learning_rate": 2e-5,
         },
     }  # fmt: skip
@@ -277,12 +383,16 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, info: dic
         if table not in ("plugins", "model"):
             raw[table] = values
     config, plugins = validate_config(raw, base_dir=work)
-    info.update(micro_batch=1, max_length=TOKENS_PER_STEP, ftcore_config=raw)
+    info.update(micro_batch=1, max_length=args.tokens_per_step, ftcore_config=raw)
 
     class Probe:
         @hookimpl
         def trainer_callbacks(self, config):
             return [callback]
+
+        @hookimpl
+        def after_model_load(self, config, model):
+            info["weights_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     plugins.pm.register(Probe(), name="benchmark-probe")
     run_training(config, plugins, overwrite=True)
@@ -294,12 +404,13 @@ def worker(args) -> None:
     work = Path(args.work)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"model": args.model, "config": args.worker, "device": device}
+    result |= json.loads((work / "inputs.json").read_text())
     callback = timing_callback(args.warmup, args.steps, result, args.profile_to)
     run = run_trl if args.worker in TRL else run_ftcore
     run(args.worker, work / args.model, work, args, callback, result)
     if "tokens_per_second" not in result:
         raise RuntimeError("the timed steps did not complete")
-    result["mfu"] = 6 * result["parameters"] * result["tokens_per_second"] / PEAK_FLOPS
+    result["mfu"] = 6 * result["parameters"] * result["mean_tokens_per_second"] / PEAK_FLOPS
     with open(args.result, "a") as handle:
         handle.write(json.dumps(result) + "\n")
 
@@ -308,49 +419,73 @@ def worker(args) -> None:
 # The driver: inputs once, one worker process per configuration, then the table.
 
 
-def report(results: list[dict], info: dict) -> str:
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def report(results: list[dict]) -> str:
+    """Per model: every configuration, then ftcore's best against the fastest TRL configuration
+    (both by tokens/s over all timed steps) and ftcore's defaults against TRL's."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
-        trl = {r["config"]: r for r in rows if r["config"] in TRL and "tokens_per_second" in r}
-        header = (
-            f"| configuration | tokens/s (median step) | tokens/s (mean) | peak GiB | MFU | first step s | "
-            f"{' | '.join('x ' + n for n in trl)} |"
-        )
+        done = [r for r in rows if "mean_tokens_per_second" in r]
+        first = done[0] if done else rows[0]
         lines += [
-            f"\n## {model} on {rows[0].get('device', '?')}: {TOKENS_PER_STEP} tokens a step, "
-            f"median row {info['median_row']} tokens, {info['warmup']} warm-up + {info['steps']} timed steps\n",
-            header, "|" + "---|" * (header.count("|") - 1),
-        ]  # fmt: skip
+            f"\n## {model} on {first.get('device', '?')}: {first.get('tokens_per_step', '?')} tokens a step, "
+            f"median row {first.get('median_row', '?')} tokens, {first.get('warmup', '?')} warm-up + "
+            f"{first.get('steps', '?')} timed steps\n",
+            "| configuration | setup | weights | tokens/s (mean) | tokens/s (median step) | peak GiB | MFU (mean) | first step s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            if "tokens_per_second" not in r:
-                lines.append(f"| {r['config']} | failed: {r.get('error', '?')} |")
+            if "mean_tokens_per_second" not in r:
+                lines.append(f"| {r['config']} | {describe(r['config'])} | | {r.get('error', '?')} | | | | |")
                 continue
-            ratios = " | ".join(
-                f"{r['tokens_per_second'] / t['tokens_per_second']:.2f}" for t in trl.values()
-            )
             lines.append(
-                f"| {r['config']} | {r['tokens_per_second']:,.0f} | {r['mean_tokens_per_second']:,.0f} "
-                f"| {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} | {r['first_step_s']:.1f} | {ratios} |"
+                f"| {r['config']} | {describe(r['config'])} | {r.get('weights_dtype', '?')} | {r['mean_tokens_per_second']:,.0f} | "
+                f"{r['tokens_per_second']:,.0f} | {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} | {r['first_step_s']:.1f} |"
             )
-        if PEER_BEST in trl:
-            best = trl[PEER_BEST]
-            for r in rows:
-                if r["config"].startswith("ftcore") and "tokens_per_second" in r:
-                    lines.append(
-                        f"- {r['config']} vs {PEER_BEST}: {r['tokens_per_second'] / best['tokens_per_second']:.2f}x "
-                        f"tokens/s, {r['peak_allocated_gib'] / best['peak_allocated_gib']:.2f}x peak memory"
-                    )
-        default = next(
-            (r for r in rows if r["config"] == "ftcore-default" and "tokens_per_second" in r), None
-        )
-        for peer in (PEER_DEFAULT, "trl-padded"):
-            if default and peer in trl:
-                lines.append(
-                    f"- ftcore-default vs {peer}: {default['tokens_per_second'] / trl[peer]['tokens_per_second']:.2f}x "
-                    f"tokens/s (median step), {default['mean_tokens_per_second'] / trl[peer]['mean_tokens_per_second']:.2f}x (mean)"
-                )
+        trl = [r for r in done if r["config"] in TRL]
+        ours = [r for r in done if r["config"] in FTCORE]
+        lines.append("")
+        if trl and ours:
+            peer = max(trl, key=lambda r: r["mean_tokens_per_second"])
+            best = max(ours, key=lambda r: r["mean_tokens_per_second"])
+            missing = [name for name in TRL if name not in {r["config"] for r in trl}]
+            lines += [
+                f"- fastest TRL (mean): {peer['config']}, {peer['mean_tokens_per_second']:,.0f} tokens/s "
+                f"(median step {peer['tokens_per_second']:,.0f}), {peer['peak_allocated_gib']:.1f} GiB",
+                f"- ftcore best (mean): {best['config']}, {best['mean_tokens_per_second']:,.0f} tokens/s "
+                f"(median step {best['tokens_per_second']:,.0f}), {best['peak_allocated_gib']:.1f} GiB, MFU {best['mfu']:.1%}",
+                f"- **ftcore best / fastest TRL: {ratio(best['mean_tokens_per_second'], peer['mean_tokens_per_second'])} "
+                f"tokens/s (mean), {ratio(best['tokens_per_second'], peer['tokens_per_second'])} (median step), "
+                f"{ratio(best['peak_allocated_gib'], peer['peak_allocated_gib'])} peak memory**",
+                f"- TRL configurations not in this run: {', '.join(missing) or 'none'}",
+            ]
+        by_name = {r["config"]: r for r in done}
+        if "ftcore-default" in by_name and PEER_DEFAULT in by_name:
+            ours, theirs = by_name["ftcore-default"], by_name[PEER_DEFAULT]
+            lines.append(
+                f"- **ftcore-default / {PEER_DEFAULT}: {ratio(ours['mean_tokens_per_second'], theirs['mean_tokens_per_second'])} "
+                f"tokens/s (mean), {ratio(ours['tokens_per_second'], theirs['tokens_per_second'])} (median step), "
+                f"{ratio(ours['peak_allocated_gib'], theirs['peak_allocated_gib'])} peak memory**"
+            )
     return "\n".join(lines)
+
+
+def record(result_file: Path, model: str, name: str, error: str) -> dict:
+    """A configuration that gave no result, appended to the results beside the others."""
+    row = {"model": model, "config": name, "error": error}
+    with result_file.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def read_results(paths: list[Path]) -> list[dict]:
+    return [
+        json.loads(line) for path in paths if path.exists() for line in path.read_text().splitlines() if line
+    ]
 
 
 def main(argv=None) -> int:
@@ -368,10 +503,32 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--rows", type=int, default=1500, help="token rows to use (real text)")
+    parser.add_argument("--tokens-per-step", type=int, default=TOKENS_PER_STEP)
     parser.add_argument(
         "--work", default=None, help="folder for inputs and outputs (default: a temporary one)"
     )
     parser.add_argument("--out", default=None, help="append each result as a JSON line to this file")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run: a configuration starts only with --min-seconds left, and stops when none are",
+    )
+    parser.add_argument("--min-seconds", type=float, default=90, help="see --budget")
+    parser.add_argument(
+        "--config-timeout", type=float, default=None, help="stop a configuration after this many seconds"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help=f"a CPU check of the harness: llama-tiny, {', '.join(SMOKE_CONFIGS)}, 256 tokens a step, 1 + 2 steps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="print the tables of these result files, then exit",
+    )
     parser.add_argument(
         "--profile",
         default=None,
@@ -385,11 +542,24 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.list:
-        print("models:", ", ".join(MODELS), "\nconfigurations:", ", ".join([*TRL, *FTCORE]))
+        print("models:", ", ".join(MODELS), "\nconfigurations:")
+        for name in [*TRL, *FTCORE]:
+            print(f"  {name}: {describe(name)}")
+        return 0
+    if args.report:
+        print(report(read_results(args.report)))
         return 0
     if args.worker:
         worker(args)
         return 0
+    if args.smoke:
+        args.models, args.configs, args.rows, args.tokens_per_step = (
+            "llama-tiny",
+            ",".join(SMOKE_CONFIGS),
+            64,
+            256,
+        )
+        args.warmup, args.steps = 1, 2
     models = args.models.split(",")
     configs = [*TRL, *FTCORE] if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in TRL and c not in FTCORE] + [
@@ -397,8 +567,12 @@ def main(argv=None) -> int:
     ]
     if unknown:
         parser.error(f"unknown {', '.join(unknown)}; see --list")
+    started = time.monotonic()
     work = Path(args.work or tempfile.mkdtemp(prefix="ftcore-bench-"))
-    info = prepare_inputs(work, models, args.rows) | {"warmup": args.warmup, "steps": args.steps}
+    work.mkdir(parents=True, exist_ok=True)
+    info = prepare_inputs(work, models, configs, args.rows, args.tokens_per_step)
+    info |= {"warmup": args.warmup, "steps": args.steps}
+    (work / "inputs.json").write_text(json.dumps(info))
     print(f"inputs in {work}: {info}", flush=True)
     result_file = Path(args.out or work / "results.jsonl")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout: stop the worker, report what ran
@@ -406,29 +580,49 @@ def main(argv=None) -> int:
     try:
         for model in models:
             for name in configs:
-                results.append(run_worker(model, name, work, result_file, args))
+                timeout = args.config_timeout
+                if args.budget is not None:
+                    left = args.budget - (time.monotonic() - started)
+                    if left < args.min_seconds:
+                        results.append(record(result_file, model, name, "not run: --budget spent"))
+                        continue
+                    timeout = min(timeout or left, left)
+                results.append(run_worker(model, name, work, result_file, args, timeout))
     finally:
-        print(report(results, info))
+        print(report(results))
     return 0
 
 
-def run_worker(model: str, name: str, work: Path, result_file: Path, args) -> dict:
+def run_worker(model: str, name: str, work: Path, result_file: Path, args, timeout: float | None) -> dict:
     """Run one configuration in its own process; its result, or its error."""
     started = time.perf_counter()
     command = [sys.executable, __file__, "--worker", name, "--model", model, "--work", str(work),
-               "--result", str(result_file), "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
+               "--result", str(result_file), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--tokens-per-step", str(args.tokens_per_step)]  # fmt: skip
     if name == args.profile:
         command += ["--profile-to", str(result_file.with_name(f"profile-{model}-{name}.txt"))]
     log = work / f"{model}-{name}.log"
     with log.open("w") as handle:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    done = [json.loads(line) for line in result_file.read_text().splitlines()] if result_file.exists() else []
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = f"stopped after {timeout:.0f} s"
+        finally:  # a timeout, or this driver stopped by a signal: the worker goes too
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    done = read_results([result_file])
     found = next((r for r in reversed(done) if r["model"] == model and r["config"] == name), None)
     if code or found is None:
         tail = " / ".join(log.read_text().strip().splitlines()[-3:])
-        found = {"model": model, "config": name, "error": f"exit {code}: {tail}"[:300]}
-    summary = f"{found['tokens_per_second']:,.0f} tok/s" if "tokens_per_second" in found else found["error"]
+        found = record(result_file, model, name, f"exit {code}: {tail}"[:300])
+    summary = (
+        f"{found['mean_tokens_per_second']:,.0f} tok/s (mean)"
+        if "mean_tokens_per_second" in found
+        else found["error"]
+    )
     print(f"{model} {name}: {summary} ({time.perf_counter() - started:.0f} s)", flush=True)
     shutil.rmtree(work / f"out-{name}", ignore_errors=True)
     return found

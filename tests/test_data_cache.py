@@ -2,7 +2,10 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
+import pytest
 from click.testing import CliRunner
 from ftcore.cli import cli
 from ftcore.data import prepare_sft_data
@@ -173,3 +176,63 @@ def test_editing_a_format_s_code_changes_the_fingerprint(tmp_path, monkeypatch):
     assert fingerprint() == before
     module.write_text(SHOUT_PLUGIN.replace(".upper()", ".lower()"))
     assert fingerprint() != before
+
+
+MODEL_LOADING = (
+    "transformers.modeling_utils",
+    "transformers.trainer",
+    "transformers.conversion_mapping",
+    "transformers.core_model_loading",
+    "transformers.integrations.finegrained_fp8",
+    "torch.distributed.tensor",
+    "torch._dynamo",
+    "accelerate",
+    "peft",
+    "trl",
+)
+
+
+def test_preprocess_imports_no_model_loading_code(tmp_path):
+    config = write_config(tmp_path, alpaca_copy(tmp_path))
+    check = (
+        "import sys\nfrom ftcore.cli import main\nsys.argv = ['ftcore', 'preprocess', sys.argv[1]]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        f"print('LOADED=' + ','.join(m for m in {MODEL_LOADING!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", check, str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "cache miss" in result.stdout and result.stdout.strip().endswith("LOADED="), result.stdout[-300:]
+
+
+@pytest.mark.parametrize(
+    "model_type, tokenizer_class",
+    [("llama", "PreTrainedTokenizerFast"), ("llama", "LlamaTokenizerFast"), ("llama", None),
+     ("qwen3", "Qwen2TokenizerFast"), ("mistral", "LlamaTokenizer"), ("gpt2", "GPT2TokenizerFast")],
+)  # fmt: skip
+def test_tokenizer_loads_as_with_the_real_model_config(tmp_path, model_type, tokenizer_class):
+    """``load_tokenizer`` hands AutoTokenizer a stand-in for the model config: the same tokenizer results."""
+    from ftcore.data.cache import tokenizer_digest
+    from ftcore.model import config_stand_in, load_tokenizer
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(stories_model(), folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("tokenizer_class")
+    if tokenizer_class:
+        settings["tokenizer_class"] = tokenizer_class
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    model_config = json.loads((folder / "config.json").read_text()) | {"model_type": model_type}
+    (folder / "config.json").write_text(json.dumps(model_config))
+    config, _ = data_config(tmp_path, [])
+    config.model.base = str(folder)
+    assert type(config_stand_in(str(folder), config.model)).__name__ == f"{model_type.title()}Config".replace(
+        "Gpt2", "GPT2"
+    )
+    expected = AutoTokenizer.from_pretrained(folder)
+    expected.pad_token = expected.eos_token
+    loaded = load_tokenizer(config)
+    assert type(loaded) is type(expected)
+    assert tokenizer_digest(loaded) == tokenizer_digest(expected)
+    text = "Once upon a time, <s> there was a cat.</s>"
+    assert loaded(text)["input_ids"] == expected(text)["input_ids"]

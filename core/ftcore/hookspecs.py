@@ -164,7 +164,8 @@ def after_model_load(config: Config, model: Any, run: Run) -> None:
 
 @hookspec(firstresult=True)
 def compute_loss(config: Config, model: Any, batch: dict[str, Any], num_items_in_batch: Any, run: Run) -> Any:
-    """Return the training loss for ``batch`` (a scalar tensor), or None for the default.
+    """Return the training loss for ``batch`` (a scalar tensor), or None for the default (the
+    model's forward, with the output layer and cross-entropy computed in chunks: ``ftcore.loss``).
 
     Called inside the trainer's ``compute_loss`` for every micro-batch. The loss must be the
     sum over trained tokens divided by ``num_items_in_batch`` (the number of trained tokens

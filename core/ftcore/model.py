@@ -74,7 +74,9 @@ def load_tokenizer(config: Config):
     key = "model.tokenizer" if model.tokenizer else "model.base"
     source = check_model_ref(model.tokenizer or model.base, key, config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=model.trust_remote_code, config=config_stand_in(source, model)
+        )
     except (OSError, ValueError) as exc:
         raise _load_error(source, key, config, exc) from None
     if model.chat_template:
@@ -94,6 +96,37 @@ def load_tokenizer(config: Config):
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def config_stand_in(source: str, model) -> Any:
+    """What ``AutoTokenizer`` reads of a model config, without importing the model's config class.
+
+    ``AutoTokenizer`` loads the model config only to read its model type, its class name and a few
+    attributes; importing a model's config class imports transformers' model-loading code
+    (conversion mapping, DTensor sharding, torch.compile), seconds of start-up that tokenizing
+    does not need. The stand-in is an object of a class with the config class's name (every
+    lookup ``AutoTokenizer`` makes is by that name) holding ``config.json``'s values, so the
+    tokenizer class chosen is the one the real config gives. None (the real config, loaded by
+    ``AutoTokenizer``) for remote code, unknown or encoder-decoder model types, or no config.json.
+    """
+    from transformers import PreTrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        values, _ = PreTrainedConfig.get_config_dict(source)
+    except (OSError, ValueError):
+        return None
+    model_type = values.get("model_type")
+    if (
+        model.trust_remote_code
+        or "auto_map" in values
+        or model_type not in CONFIG_MAPPING_NAMES
+        or model_type == "encoder-decoder"
+    ):
+        return None
+    stand_in = type(CONFIG_MAPPING_NAMES[model_type], (), {"model_type": model_type})()
+    vars(stand_in).update(values, _name_or_path=str(source))
+    return stand_in
 
 
 def load_model_config(config: Config):

@@ -1,4 +1,4 @@
-"""The trainer pieces every HF-Trainer-based method shares (the built-in ``sft`` method included)."""
+"""The trainer pieces every HF-Trainer-based method shares (the built-in ``sft`` method: ftcore.builtin.sft)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from ftcore.checkpoint import CheckpointCallback, DivergenceCallback, StopSignalCallback, checkpoints_dir
 from ftcore.distributed import distributed_arguments
+from ftcore.loss import ChunkedLoss, LogitsChanged
 from ftcore.metrics import LoggedMetricsCallback, MetricsCallback, ReportCallback, RichProgressCallback
 
 
@@ -121,11 +122,13 @@ def remove_default_printer(trainer: Trainer) -> None:
 
 
 class FtcoreTrainer(Trainer):
-    """HF Trainer whose loss can come from a plugin's ``compute_loss`` hook (fused/chunked losses)."""
+    """HF Trainer whose loss comes from a plugin's ``compute_loss`` hook (fused losses), else from the
+    model's forward with the output layer and cross-entropy chunked (``ftcore.loss``)."""
 
     def __init__(self, *args, ftcore_run, **kwargs):
         super().__init__(*args, **kwargs)
         self.ftcore_run = ftcore_run
+        self.default_loss = ChunkedLoss()
         self._pending_tokens = None
         remove_default_printer(self)
 
@@ -170,6 +173,11 @@ class FtcoreTrainer(Trainer):
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
                 return loss
+            try:
+                with self.default_loss.applied(model):
+                    return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            except LogitsChanged:
+                pass  # found on the first step; from now on the model's own loss
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )

@@ -1,4 +1,5 @@
-"""The built-in ``sft`` method (a light module: ``ftcore validate`` reads its ``row_schemas``)."""
+"""The built-in ``sft`` method (a light module: ``ftcore validate`` and ``ftcore preprocess`` read its
+``row_schemas``)."""
 
 from ftcore.hookspecs import hookimpl
 
