@@ -63,7 +63,9 @@ class Completion:
 
 
 class Generator(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
+    ) -> list[list[Completion]]:
         """``n`` completions per prompt, in prompt order."""
 
     def sync_weights(self, model: Any, version: int) -> None:
@@ -105,7 +107,9 @@ class HFGenerator:
     def close(self) -> None:
         pass
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
+    ) -> list[list[Completion]]:
         import torch
 
         rows = [ids for ids in prompt_ids for _ in range(n)]
