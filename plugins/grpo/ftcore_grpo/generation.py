@@ -137,18 +137,20 @@ class HFGenerator:
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
         recorder = _SamplingProcessor(sampling)
-        greedy = sampling.temperature == 0
+        neutral = dict(  # explicit, so nothing is inherited from the model's own generation_config
+            temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            epsilon_cutoff=0.0, eta_cutoff=0.0, min_new_tokens=0, num_beams=1, num_return_sequences=1,
+        )  # fmt: skip
+        if getattr(model.generation_config, "min_p", None) is not None:
+            neutral["min_p"] = 0.0
         generation_config = GenerationConfig(
-            do_sample=not greedy,
+            do_sample=sampling.temperature > 0,
             max_new_tokens=sampling.max_tokens,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
-            temperature=1.0,
-            top_k=None,
-            top_p=None,
             stop_strings=list(sampling.stop) or None,
-            return_dict_in_generate=False,
+            **neutral,
         )
         was_training = model.training
         model.eval()

@@ -77,7 +77,10 @@ class GRPOMethod:
         rewards = resolve_rewards(config, run.plugins)
         args = one_gpu_per_process(
             GRPOConfig(
-                **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
+                **{
+                    **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
+                    "include_num_input_tokens_seen": "no",  # TRL counts prompt and completion tokens itself
+                },
                 **grpo_arguments(config),
             )
         )

@@ -51,6 +51,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self.producer, self.ftcore_config = producer, ftcore_run.config
         self.grpo, self.output_dir = ftcore_run.config.grpo, Path(ftcore_run.output_dir)
         self._rollout: Rollout | None = None
+        self.last_rollout: Rollout | None = None
         self._synced_step: int | None = None
         self._aligned = False
         self._eval_rollouts = 0
@@ -120,7 +121,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         else:
             self._eval_rollouts += 1
             index = -self._eval_rollouts
-        self._rollout = self.producer.produce(inputs, index)
+        self._rollout = self.last_rollout = self.producer.produce(inputs, index)
         try:
             output = super()._generate_and_score_completions(inputs)
             self._after_rollout(self._rollout, output, "train" if training else "eval")
@@ -211,6 +212,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
                 "advantage": advantages[i],
             }
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / COMPLETIONS_FILE).open("a", encoding="utf-8") as handle:
             handle.writelines(lines)
 
