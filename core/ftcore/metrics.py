@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` gets one JSON object per logged step (``step``, ``loss``, ``learning_rate``,
 ``tokens_per_second``, ...; eval rows carry ``eval_*`` keys). ``report.html`` draws the loss and
-learning-rate curves; it is rewritten at every checkpoint and at the end. Only rank 0 writes.
+learning-rate curves, then every other numeric metric; it is rewritten at every checkpoint and at
+the end. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ class ReportCallback(TrainerCallback):
             write_report(self.output_dir)
 
 
+NOT_CHARTED = {"step", "epoch", "loss", "eval_loss", "learning_rate", "tokens_seen", "num_input_tokens_seen",
+               "num_tokens", "total_flos"}  # fmt: skip
+"""Keys without a chart of their own (bookkeeping, or drawn in the loss and learning-rate charts)."""
+
+
 def write_report(output_dir: str | Path) -> Path:
-    """report.html with loss (train and eval) and learning-rate curves as inline SVG."""
+    """report.html: loss (train and eval) and learning-rate curves, then one chart per other logged metric
+    (a method's rewards, KL, grad norm, ...), as inline SVG."""
     rows = read_metrics(output_dir)
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
     evals = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), int | float)]
@@ -86,6 +93,16 @@ def write_report(output_dir: str | Path) -> Path:
         _svg_chart("loss", [("train loss", train, "#1f77b4"), ("eval loss", evals, "#d62728")]),
         _svg_chart("learning rate", [("learning rate", lrs, "#2ca02c")]),
     ]
+    for key in dict.fromkeys(key for row in rows for key in row):  # every other metric, in logged order
+        if key in NOT_CHARTED or key.startswith("train_"):
+            continue
+        points = [
+            (r["step"], r[key])
+            for r in rows
+            if isinstance(r.get(key), int | float) and not isinstance(r[key], bool)
+        ]
+        if points:
+            charts.append(_svg_chart(key, [(key, points, "#9467bd")], height=180))
     summary = (
         f"<p>{len(train)} logged steps; last step {train[-1][0]}; last loss {train[-1][1]:.4f}</p>"
         if train
