@@ -48,3 +48,10 @@ def restore_checkpoint_state(config, state):
     from ftcore_grpo import state as run_state
 
     run_state.restore(config, state)
+
+
+@hookimpl
+def register_commands(cli):
+    from ftcore_grpo.commands import vllm_serve
+
+    cli.add_command(vllm_serve)
