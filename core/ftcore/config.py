@@ -172,6 +172,10 @@ class DatasetSection(Section):
         "raise",
         description="raise: a DataError naming the file and row; skip: skip and count bad rows and empty files.",
     )
+    eval: bool = Field(
+        False,
+        description="Evaluate on this dataset's rows (every train.eval_steps), never train on them; val_fraction does not apply to it.",
+    )
 
 
 class DataSection(Section):
@@ -444,11 +448,14 @@ def _check_local_paths(config: ConfigBase) -> None:
 
 
 def _check_eval(config: ConfigBase) -> None:
-    if config.train.eval_steps and not config.data.val_fraction:
+    if config.train.eval_steps and not (config.data.val_fraction or any(d.eval for d in config.datasets)):
         raise ConfigError(
-            "eval_steps needs an eval split: set data.val_fraction (e.g. 0.05), or remove eval_steps",
+            "eval_steps needs an eval split: set data.val_fraction (e.g. 0.05) or add a dataset with eval = true, "
+            "or remove eval_steps",
             key="train.eval_steps",
         )
+    if config.datasets and all(d.eval for d in config.datasets):
+        raise ConfigError("every dataset has eval = true: nothing is left to train on", key="datasets")
 
 
 def _check_registered_names(config: ConfigBase, plugins: Plugins) -> None:
