@@ -89,7 +89,7 @@ def vllm_serve(config_path, overrides, python, host, port, log_path):
             **options,
         )
         click.echo(
-            f"vLLM serves {config.model.base} at {server.url} ({mode}). Train with it: "
+            f"vLLM (pid {server.process.pid}) serves {config.model.base} at {server.url} ({mode}). Train with it: "
             f"--set grpo.vllm.url={server.url}",
             err=True,
         )
