@@ -80,6 +80,8 @@ class GRPOMethod:
                 **{
                     **training_arguments(config, run.output_dir, has_eval=data.eval is not None),
                     "include_num_input_tokens_seen": "no",  # TRL counts prompt and completion tokens itself
+                    # a baseline: the held-out rewards before training, beside those every eval_steps
+                    "eval_on_start": data.eval is not None and bool(config.train.eval_steps),
                 },
                 **grpo_arguments(config),
             )
