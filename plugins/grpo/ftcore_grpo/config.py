@@ -102,6 +102,11 @@ class GRPOSection(Section):
     hf_batch_size: int | None = Field(
         None, gt=0, description="generation = hf: sequences per generate call (default: the whole batch)."
     )
+    hf_compile: bool = Field(
+        True,
+        description="generation = hf on a CUDA GPU: a static KV cache and a compiled, CUDA-graphed decode step "
+        "(compiles once per prompt-length bucket); ignored on CPU.",
+    )
 
     @field_validator("scale_rewards", mode="before")
     @classmethod

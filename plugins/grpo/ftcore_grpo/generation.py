@@ -81,7 +81,7 @@ def build_generator(config, model, tokenizer, output_dir: Path) -> Generator:
         from ftcore_grpo.vllm import VLLMGenerator
 
         return VLLMGenerator(config=config, model=model, tokenizer=tokenizer, output_dir=output_dir)
-    return HFGenerator(model, tokenizer, batch_size=config.grpo.hf_batch_size)
+    return HFGenerator(model, tokenizer, batch_size=config.grpo.hf_batch_size, compile=config.grpo.hf_compile)
 
 
 class HFGenerator:
@@ -90,10 +90,25 @@ class HFGenerator:
     Logprobs are recorded while sampling (one vocabulary row per sequence held at a time), and
     the sampling filters are applied by ftcore so that those logprobs are of the unfiltered,
     temperature-scaled distribution. ``batch_size`` bounds the sequences per ``generate`` call.
+    ``compile`` (on a CUDA GPU): a static KV cache and transformers' compiled, CUDA-graphed
+    decode step, with prompts left-padded to a multiple of ``PAD_MULTIPLE`` so that few cache
+    shapes (and compilations) occur; ``static_cache`` alone gives the cache without compiling.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int | None = None):
+    PAD_MULTIPLE = 64
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int | None = None,
+        compile: bool = False,
+        static_cache: bool = False,
+    ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.compile = compile and next(model.parameters()).device.type == "cuda"
+        self.static_cache = static_cache or self.compile
         self.version = 0
         eos = tokenizer.eos_token_id
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -131,18 +146,25 @@ class HFGenerator:
         model = self.model
         device = next(model.parameters()).device
         width = max(len(ids) for ids in rows)
+        if self.static_cache:
+            width = -(-width // self.PAD_MULTIPLE) * self.PAD_MULTIPLE
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(rows):  # left padding
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
         recorder = _SamplingProcessor(sampling)
-        neutral = dict(  # explicit, so nothing is inherited from the model's own generation_config
-            temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-            epsilon_cutoff=0.0, eta_cutoff=0.0, min_new_tokens=0, num_beams=1, num_return_sequences=1,
+        options = dict(  # explicit, so nothing is inherited from the model's own generation_config
+            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1
         )  # fmt: skip
-        if getattr(model.generation_config, "min_p", None) is not None:
-            neutral["min_p"] = 0.0
+        if sampling.temperature > 0:
+            options |= dict(
+                temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0
+            )
+            if getattr(model.generation_config, "min_p", None) is not None:
+                options["min_p"] = 0.0
+        if self.static_cache:
+            options |= dict(cache_implementation="static", disable_compile=not self.compile)
         generation_config = GenerationConfig(
             do_sample=sampling.temperature > 0,
             max_new_tokens=sampling.max_tokens,
@@ -150,7 +172,7 @@ class HFGenerator:
             pad_token_id=self.pad_token_id,
             use_cache=True,
             stop_strings=list(sampling.stop) or None,
-            **neutral,
+            **options,
         )
         was_training = model.training
         model.eval()

@@ -82,3 +82,19 @@ def test_stop_strings_end_a_completion_with_the_token_that_completes_them(policy
             assert "." in decoded and "." not in tokenizer.decode(completion.token_ids[:-1])
         assert "." not in completion.text and decoded.startswith(completion.text)
         assert len(completion.logprobs) == len(completion.token_ids)
+
+
+def test_the_static_cache_path_samples_what_the_dynamic_cache_does(policy):
+    model, tokenizer = policy
+    prompts = prompt_ids(tokenizer)
+    sampling = SamplingParams(temperature=0.8, max_tokens=10, seed=5)
+    dynamic = HFGenerator(model, tokenizer).generate(prompts, 2, sampling)
+    static = HFGenerator(model, tokenizer, static_cache=True).generate(
+        prompts, 2, sampling
+    )  # prompts padded to 64
+    assert [[c.token_ids for c in g] for g in static] == [[c.token_ids for c in g] for g in dynamic]
+    for group_static, group_dynamic in zip(static, dynamic, strict=True):
+        for a, b in zip(group_static, group_dynamic, strict=True):
+            torch.testing.assert_close(
+                torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4
+            )
