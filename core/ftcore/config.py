@@ -596,13 +596,27 @@ def config_reference(model: type[ConfigBase], only: str | None = None) -> str:
             lines.append("This table is required.")
         elif field.description:
             lines.append(field.description)
-        lines += ["", *_key_table(table.model_fields)]
+        lines += ["", *_key_table(table.model_fields, name)]
+        for sub, sub_field in table.model_fields.items():  # nested tables of a plugin table: [grpo.vllm]
+            nested = _nested_section(sub_field.annotation)
+            if nested is not None:
+                summary = re.sub(r"^``[^`]*``:\s*", "", " ".join((nested.__doc__ or "").split()))
+                lines += [f"## `[{name}.{sub}]`", "", summary[:1].upper() + summary[1:], ""]
+                lines += _key_table(nested.model_fields, f"{name}.{sub}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _key_table(fields: dict[str, Any]) -> list[str]:
+def _nested_section(annotation: Any) -> type[Section] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _key_table(fields: dict[str, Any], table: str = "") -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in fields.items():
+        if _nested_section(field.annotation) is not None:
+            description = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{name}` | table `[{table}.{name}]` (below) | | {description} |")
+            continue
         if field.is_required():
             default = "required"
         else:
