@@ -5,7 +5,7 @@ Three layers, each usable alone:
 - ``VLLMClient``: HTTP to one server (standard library only). Every request has a timeout; a
   refused connection, a timeout or a 5xx is retried with exponential backoff, then raises
   ``VLLMServerError`` naming the URL. A 4xx is not retried: it raises with the server's message.
-- ``VLLMServer``: starts ``python -m vllm.entrypoints.openai.api_server`` with the right flags in
+- ``VLLMServer``: starts ``python -m vllm.entrypoints.cli.main serve`` (``vllm serve``) with the right flags in
   its own process group (127.0.0.1 and a free port by default), waits for ``/health`` while
   watching the process, and stops the whole group.
 - ``VLLMGenerator``: the trainer's ``Generator`` (``ftcore_grpo.generation``). It checks that the
@@ -354,8 +354,8 @@ def server_command(
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The command line of a vLLM OpenAI server for ``model``; ``lora_rank`` enables LoRA."""
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
-               "--port", str(port), "--logprobs-mode", "processed_logprobs"]  # fmt: skip
+    command = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", host, "--port", str(port),
+               "--logprobs-mode", "processed_logprobs"]  # fmt: skip  # = `vllm serve`
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if dtype and dtype != "auto":

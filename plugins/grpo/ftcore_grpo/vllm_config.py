@@ -5,6 +5,7 @@ Kept light: pydantic only, no torch and no vLLM. The runtime side is ``ftcore_gr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -100,7 +101,8 @@ class VLLMSection(Section):
         if value is None or ("/" not in value and not value.startswith("~")):
             return value  # unset, or a command name found on PATH
         base = Path((info.context or {}).get("base_dir", "."))
-        return str((base / Path(value).expanduser()).resolve())
+        # absolute, but symlinks kept: a venv's bin/python is a link to the base interpreter
+        return os.path.abspath(base / Path(value).expanduser())
 
     @model_validator(mode="after")
     def _one_source(self) -> VLLMSection:
