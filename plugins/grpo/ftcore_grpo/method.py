@@ -105,6 +105,10 @@ class GRPOMethod:
             ref_model=ref_model,
         )
 
+    def preview(self, config, plugins, tokenizer, n: int, *, color: bool = False) -> list[str]:
+        """What ``ftcore preprocess --show N`` prints: N templated prompts, then a summary."""
+        return preview_lines(tokenizer, prepare_prompts(config, plugins, tokenizer), n, color=color)
+
 
 def _named(reward):
     """What TRL sees of a reward: a callable named like it (ftcore's producer does the scoring)."""
@@ -114,3 +118,26 @@ def _named(reward):
 
     stand_in.__name__ = reward.name
     return stand_in
+
+
+def preview_lines(tokenizer, data, n: int, *, color: bool = False) -> list[str]:
+    """The first ``n`` prompts as the policy sees them (tokenized, templated) with their reward columns."""
+    from ftcore.data.preview import IGNORE, render_row
+
+    lines = []
+    for index in range(min(n, len(data.train))):
+        row = data.train[index]
+        ids = row["prompt_ids"]
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "prompt_ids")}
+        lines += [
+            f"=== prompt {index} ({len(ids)} tokens) ===",
+            render_row(tokenizer, {"input_ids": ids, "labels": [IGNORE] * len(ids)}, color=color),
+            f"columns: {columns}",
+            "",
+        ]
+    evaluation = len(data.eval) if data.eval is not None else 0
+    lines += [
+        f"data fingerprint {data.fingerprint}",
+        f"prompts          {len(data.train):,} (eval {evaluation:,}); {data.dropped:,} dropped as too long",
+    ]
+    return lines

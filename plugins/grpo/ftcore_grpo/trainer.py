@@ -156,7 +156,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
     def _after_rollout(self, rollout: Rollout, output: dict, mode: str) -> None:
         device = self.accelerator.device
         truncated = torch.tensor([c.finish_reason == "length" for c in rollout.completions], device=device)
-        if self.grpo.mask_truncated_completions and mode == "train":
+        if self.grpo.mask_truncated_completions:
             output["completion_mask"] = output["completion_mask"] * (~truncated).unsqueeze(1).int()
             output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
         metrics = self._metrics[mode]

@@ -109,3 +109,17 @@ def test_validate_does_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_preprocess_shows_the_prompts_as_tokenized(tmp_path):
+    from ftcore.model import load_tokenizer
+    from ftcore_grpo.method import GRPOMethod
+
+    config, plugins = load_config(
+        write(tmp_path), ["train.sequence_len=120", "grpo.max_completion_length=20"]
+    )
+    lines = GRPOMethod().preview(config, plugins, load_tokenizer(config), 1)
+    assert lines[0].startswith("=== prompt 0 (") and lines[1].startswith("<s> ")  # a text prompt, with BOS
+    assert lines[2].startswith("columns: {'answer': ") and "####" in lines[2]
+    assert lines[-1].startswith("prompts          ") and "dropped as too long" in lines[-1]
+    assert int(lines[-1].split("; ")[1].split()[0]) > 0  # gsm8k questions over 100 tokens are dropped
