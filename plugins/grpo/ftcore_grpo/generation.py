@@ -91,11 +91,12 @@ class HFGenerator:
     the sampling filters are applied by ftcore so that those logprobs are of the unfiltered,
     temperature-scaled distribution. ``batch_size`` bounds the sequences per ``generate`` call.
     ``compile`` (on a CUDA GPU): a static KV cache and transformers' compiled, CUDA-graphed
-    decode step, with prompts left-padded to a multiple of ``PAD_MULTIPLE`` so that few cache
-    shapes (and compilations) occur; ``static_cache`` alone gives the cache without compiling.
+    decode step, with prompts left-padded to a power of two (at least ``MIN_PAD`` tokens) so that
+    few cache shapes (and compilations) occur; ``static_cache`` alone gives the cache without
+    compiling.
     """
 
-    PAD_MULTIPLE = 64
+    MIN_PAD = 64
 
     def __init__(
         self,
@@ -146,8 +147,8 @@ class HFGenerator:
         model = self.model
         device = next(model.parameters()).device
         width = max(len(ids) for ids in rows)
-        if self.static_cache:
-            width = -(-width // self.PAD_MULTIPLE) * self.PAD_MULTIPLE
+        if self.static_cache:  # few cache shapes, so few compilations: 64, 128, 256, 512, ... tokens
+            width = max(self.MIN_PAD, 1 << (width - 1).bit_length())
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(rows):  # left padding

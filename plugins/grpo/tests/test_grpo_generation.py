@@ -91,7 +91,7 @@ def test_the_static_cache_path_samples_what_the_dynamic_cache_does(policy):
     dynamic = HFGenerator(model, tokenizer).generate(prompts, 2, sampling)
     static = HFGenerator(model, tokenizer, static_cache=True).generate(
         prompts, 2, sampling
-    )  # prompts padded to 64
+    )  # prompts padded to 64 tokens
     assert [[c.token_ids for c in g] for g in static] == [[c.token_ids for c in g] for g in dynamic]
     for group_static, group_dynamic in zip(static, dynamic, strict=True):
         for a, b in zip(group_static, group_dynamic, strict=True):
