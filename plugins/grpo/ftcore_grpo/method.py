@@ -94,7 +94,7 @@ class GRPOMethod:
         )
         return FtcoreGRPOTrainer(
             model=run.model,
-            reward_funcs=[_named(reward) for reward in rewards],
+            reward_funcs=rewards,  # TRL reads their names; ftcore's producer calls them
             args=args,
             train_dataset=data.train,
             eval_dataset=data.eval,
@@ -108,16 +108,6 @@ class GRPOMethod:
     def preview(self, config, plugins, tokenizer, n: int, *, color: bool = False) -> list[str]:
         """What ``ftcore preprocess --show N`` prints: N templated prompts, then a summary."""
         return preview_lines(tokenizer, prepare_prompts(config, plugins, tokenizer), n, color=color)
-
-
-def _named(reward):
-    """What TRL sees of a reward: a callable named like it (ftcore's producer does the scoring)."""
-
-    def stand_in(*args, **kwargs):
-        raise RuntimeError("grpo rewards are called by ftcore's RolloutProducer")
-
-    stand_in.__name__ = reward.name
-    return stand_in
 
 
 def preview_lines(tokenizer, data, n: int, *, color: bool = False) -> list[str]:

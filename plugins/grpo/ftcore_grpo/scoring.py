@@ -43,6 +43,10 @@ class Reward:
     def __call__(self, completions, **kwargs) -> list:
         return self.fn(completions, **kwargs, **self.kwargs)
 
+    @property
+    def __name__(self) -> str:  # how TRL names a reward in its metrics
+        return self.name
+
 
 def resolve_rewards(config, plugins) -> list[Reward]:
     """The config's rewards: registry names, or ``module:function`` (importable, or a module beside the config)."""
