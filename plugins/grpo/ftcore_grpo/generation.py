@@ -16,10 +16,12 @@ implement it. The contract, which both backends keep:
   computes, so the two can be compared and used for importance sampling.
 - ``Completion.policy_version`` is the ``version`` of the last ``sync_weights`` before the
   request was made (0 before any sync): the optimizer step of the weights that sampled it.
-- ``sync_weights(model, version)`` is called by the training thread after an optimizer step,
-  every ``[grpo] sync_interval`` steps, with the trainer's unwrapped model (a peft model under
-  LoRA: sync the adapter; else the full weights). It returns once later ``generate`` calls use
-  the new weights. ``close()`` releases what the backend holds (idempotent).
+- ``sync_weights(model, version)`` is called by the training thread before the first rollout
+  (``version`` = the current optimizer step: 0, or the step a run resumes at; a backend that
+  already serves those weights may skip it) and then every ``[grpo] sync_interval`` optimizer
+  steps, with the trainer's unwrapped model (a peft model under LoRA: sync the adapter; else the
+  full weights). It returns once later ``generate`` calls use the new weights. ``close()``
+  releases what the backend holds (idempotent); the trainer calls it when training ends.
 - The async trainer (next issue) calls ``generate`` from one background producer thread while
   ``sync_weights`` runs on the training thread; backends must tolerate that (the hf backend
   samples from the live model, so there it is run synchronously).
@@ -32,9 +34,12 @@ implement it. The contract, which both backends keep:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+log = logging.getLogger("ftcore.grpo")
 
 
 @dataclass
@@ -110,6 +115,7 @@ class HFGenerator:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.compile = compile and next(model.parameters()).device.type == "cuda"
         self.static_cache = static_cache or self.compile
+        self._compiled = False  # a compiled generate has worked once: later failures are real errors
         self.version = 0
         eos = tokenizer.eos_token_id
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -186,8 +192,16 @@ class HFGenerator:
                     logits_processor=LogitsProcessorList([recorder]),
                     tokenizer=self.tokenizer if sampling.stop else None,
                 )
+        except Exception as exc:
+            if not self.compile or self._compiled:
+                raise
+            log.warning("grpo: the compiled decode step failed (%s: %s); generating uncompiled from now on "
+                        "(set grpo.hf_compile = false to skip the attempt)", type(exc).__name__, exc)  # fmt: skip
+            self.compile = self.static_cache = False
+            return self._generate_rows(rows, sampling)
         finally:
             model.train(was_training)
+        self._compiled = self.compile
         new = sequences[:, width:]
         logprobs = recorder.finish(new)
         return [self._completion(new[i].tolist(), logprobs[i], sampling) for i in range(len(rows))]
