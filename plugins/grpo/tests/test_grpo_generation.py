@@ -98,3 +98,23 @@ def test_the_static_cache_path_samples_what_the_dynamic_cache_does(policy):
             torch.testing.assert_close(
                 torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4
             )
+
+
+def test_a_compiled_decode_that_fails_falls_back_to_uncompiled(policy, caplog):
+    from transformers import CompileConfig
+
+    model, tokenizer = policy
+    broken = CompileConfig(backend="no_such_backend")
+    broken._compile_all_devices = True  # compile on the CPU too, with a backend that does not exist
+    model.generation_config.compile_config = broken
+    try:
+        generator = HFGenerator(model, tokenizer)
+        generator.compile = generator.static_cache = True  # what compile=True gives on a CUDA GPU
+        sampling = SamplingParams(temperature=0.8, max_tokens=6, seed=5)
+        out = generator.generate(prompt_ids(tokenizer), 2, sampling)
+    finally:
+        model.generation_config.compile_config = None
+    assert "the compiled decode step failed" in caplog.text
+    assert not generator.compile and out == HFGenerator(model, tokenizer).generate(
+        prompt_ids(tokenizer), 2, sampling
+    )
