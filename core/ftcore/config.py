@@ -180,6 +180,10 @@ class DatasetSection(Section):
         "raise",
         description="raise: a DataError naming the file and row; skip: skip and count bad rows and empty files.",
     )
+    eval: bool = Field(
+        False,
+        description="Evaluate on this dataset's rows (every train.eval_steps), never train on them; val_fraction does not apply to it.",
+    )
 
 
 class DataSection(Section):
@@ -478,11 +482,14 @@ def check_local_paths(config: ConfigBase) -> None:
 
 
 def _check_eval(config: ConfigBase) -> None:
-    if config.train.eval_steps and not config.data.val_fraction:
+    if config.train.eval_steps and not (config.data.val_fraction or any(d.eval for d in config.datasets)):
         raise ConfigError(
-            "eval_steps needs an eval split: set data.val_fraction (e.g. 0.05), or remove eval_steps",
+            "eval_steps needs an eval split: set data.val_fraction (e.g. 0.05) or add a dataset with eval = true, "
+            "or remove eval_steps",
             key="train.eval_steps",
         )
+    if config.datasets and all(d.eval for d in config.datasets):
+        raise ConfigError("every dataset has eval = true: nothing is left to train on", key="datasets")
 
 
 def _check_registered_names(config: ConfigBase, plugins: Plugins) -> None:
@@ -627,13 +634,27 @@ def config_reference(model: type[ConfigBase], only: str | None = None) -> str:
             lines.append("This table is required.")
         elif field.description:
             lines.append(field.description)
-        lines += ["", *_key_table(table.model_fields)]
+        lines += ["", *_key_table(table.model_fields, name)]
+        for sub, sub_field in table.model_fields.items():  # nested tables of a plugin table: [grpo.vllm]
+            nested = _nested_section(sub_field.annotation)
+            if nested is not None:
+                summary = re.sub(r"^``[^`]*``:\s*", "", " ".join((nested.__doc__ or "").split()))
+                lines += [f"## `[{name}.{sub}]`", "", summary[:1].upper() + summary[1:], ""]
+                lines += _key_table(nested.model_fields, f"{name}.{sub}")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _key_table(fields: dict[str, Any]) -> list[str]:
+def _nested_section(annotation: Any) -> type[Section] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def _key_table(fields: dict[str, Any], table: str = "") -> list[str]:
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
     for name, field in fields.items():
+        if _nested_section(field.annotation) is not None:
+            description = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{name}` | table `[{table}.{name}]` (below) | | {description} |")
+            continue
         if field.is_required():
             default = "required"
         else:

@@ -104,7 +104,8 @@ class ReportCallback(TrainerCallback):
 
 
 def write_report(output_dir: str | Path) -> Path:
-    """report.html with loss (train and eval) and learning-rate curves as inline SVG."""
+    """report.html: loss (train and eval) and learning-rate curves, then one chart per other logged metric
+    (a method's rewards, KL, grad norm, ...), as inline SVG."""
     rows = read_metrics(output_dir)
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), int | float)]
     evals = [(r["step"], r["eval_loss"]) for r in rows if isinstance(r.get("eval_loss"), int | float)]

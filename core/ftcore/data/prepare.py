@@ -118,8 +118,8 @@ def _options_error(exc, format_class) -> str:
 def load_rows(config: Config, plugins: Plugins, schemas: tuple[str, ...] = ("preference",), transform=None):
     """(train, eval or None) ``datasets.Dataset`` of canonical rows, for methods that tokenize themselves.
 
-    Same formats, field mappings, bad-row handling, weights, val_fraction and shuffling as
-    ``prepare_sft_data``; a ``ConfigError`` when a dataset's format makes a schema not in ``schemas``.
+    Same formats, field mappings, bad-row handling, weights, val_fraction, eval datasets and
+    shuffling as ``prepare_sft_data``; a ``ConfigError`` when a dataset's format makes a schema not in ``schemas``.
     ``transform(spec, label, rows)``, when given, maps each source's rows (with their ``_row``
     record numbers, kept) before the split, e.g. to tokenize under ``spec.excess_length`` with
     errors naming the file ``label`` and the row.
@@ -133,6 +133,9 @@ def load_rows(config: Config, plugins: Plugins, schemas: tuple[str, ...] = ("pre
             if part.rows is not None
         ]
         rows = _concatenate(parts, spec.where).remove_columns([ROW])
+        if spec.section.eval:
+            evals.append(rows)
+            continue
         train, evaluation = _split(rows, config.data.val_fraction, config.train.seed + spec.index)
         trains.append(_weighted(train, spec.section.weight, config.train.seed + spec.index))
         if evaluation is not None:
@@ -193,11 +196,14 @@ def _prepare(config: Config, specs: list[DatasetSpec], tokenizer, fingerprint: s
     trains, evals, per_dataset = [], [], []
     for spec in specs:
         tokenized, counts = _tokenize_dataset(spec, tokenizer, config, fingerprint)
+        per_dataset.append({"dataset": spec.where, **counts})
+        if spec.section.eval:
+            evals.append(tokenized)
+            continue
         train, evaluation = _split(tokenized, data_config.val_fraction, train_config.seed + spec.index)
         trains.append(_weighted(train, spec.section.weight, train_config.seed + spec.index))
         if evaluation is not None:
             evals.append(evaluation)
-        per_dataset.append({"dataset": spec.where, **counts})
     train = _concatenate(trains, "the datasets")
     if data_config.val_fraction and not evals:
         raise DataError(

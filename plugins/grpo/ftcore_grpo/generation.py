@@ -1,0 +1,285 @@
+"""The generation interface of the grpo trainer, and its ``hf`` backend.
+
+The trainer only talks to a ``Generator``; ``hf`` (below) and ``vllm`` (``ftcore_grpo.vllm``)
+implement it. The contract, which both backends keep:
+
+- ``generate(prompt_ids, n, sampling)`` returns, for each prompt in order, ``n`` ``Completion``
+  objects. Prompts arrive as token ids, already rendered by the chat template (with the
+  generation prompt); a backend never re-tokenizes them.
+- ``Completion.token_ids`` are exactly the sampled tokens, prompt excluded, up to and including
+  the token that ended the completion: the EOS token (``finish_reason = "stop"``), the token that
+  completed a ``stop`` string (``"stop"``), or the ``max_tokens``-th token (``"length"``). No
+  padding. ``text`` is their decoding without special tokens, cut before a matched stop string.
+- ``Completion.logprobs`` (one per token id, or None if the backend cannot give them): the
+  log-probability of each sampled token under the policy's logits divided by ``temperature``
+  (before repetition penalty and top-k/top-p/min-p filtering): the same quantity the trainer
+  computes, so the two can be compared and used for importance sampling.
+- ``Completion.policy_version`` is the ``version`` of the last ``sync_weights`` before the
+  request was made (0 before any sync): the optimizer step of the weights that sampled it.
+- ``sync_weights(model, version)`` is called by the training thread before the first rollout
+  (``version`` = the current optimizer step: 0, or the step a run resumes at; a backend that
+  already serves those weights may skip it) and then every ``[grpo] sync_interval`` optimizer
+  steps, with the trainer's unwrapped model (a peft model under LoRA: sync the adapter; else the
+  full weights). It returns once later ``generate`` calls use the new weights. ``close()``
+  releases what the backend holds (idempotent); the trainer calls it when training ends.
+- The async trainer (next issue) calls ``generate`` from one background producer thread while
+  ``sync_weights`` runs on the training thread; backends must tolerate that (the hf backend
+  samples from the live model, so there it is run synchronously).
+
+``build_generator(config, model, tokenizer, output_dir)`` picks the backend of
+``[grpo] generation``; for ``"vllm"`` it calls
+``ftcore_grpo.vllm.VLLMGenerator(config=..., model=..., tokenizer=..., output_dir=...)``.
+``SamplingParams.top_k = 0`` and ``min_p = 0.0`` mean "off".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+log = logging.getLogger("ftcore.grpo")
+
+
+@dataclass
+class SamplingParams:
+    """How to sample; one set per ``generate`` call."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One sampled completion of one prompt."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: Literal["stop", "length"]
+    policy_version: int
+
+
+class Generator(Protocol):
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        """``n`` completions per prompt, in prompt order."""
+
+    def sync_weights(self, model: Any, version: int) -> None:
+        """Make later ``generate`` calls use ``model``'s weights, recorded as ``version``."""
+
+    def close(self) -> None:
+        """Release the backend's resources."""
+
+
+def build_generator(config, model, tokenizer, output_dir: Path) -> Generator:
+    """The backend that ``[grpo] generation`` names."""
+    if config.grpo.generation == "vllm":
+        from ftcore_grpo.vllm import VLLMGenerator
+
+        return VLLMGenerator(config=config, model=model, tokenizer=tokenizer, output_dir=output_dir)
+    return HFGenerator(model, tokenizer, batch_size=config.grpo.hf_batch_size, compile=config.grpo.hf_compile)
+
+
+class HFGenerator:
+    """Samples from the policy itself with ``model.generate``: weights are always current.
+
+    Logprobs are recorded while sampling (one vocabulary row per sequence held at a time), and
+    the sampling filters are applied by ftcore so that those logprobs are of the unfiltered,
+    temperature-scaled distribution. ``batch_size`` bounds the sequences per ``generate`` call.
+    ``compile`` (on a CUDA GPU): a static KV cache and transformers' compiled, CUDA-graphed
+    decode step, with prompts left-padded to a power of two (at least ``MIN_PAD`` tokens) so that
+    few cache shapes (and compilations) occur; ``static_cache`` alone gives the cache without
+    compiling.
+    """
+
+    MIN_PAD = 64
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int | None = None,
+        compile: bool = False,
+        static_cache: bool = False,
+    ):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.compile = compile and next(model.parameters()).device.type == "cuda"
+        self.static_cache = static_cache or self.compile
+        self._compiled = False  # a compiled generate has worked once: later failures are real errors
+        self.version = 0
+        eos = tokenizer.eos_token_id
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = {eos} | set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        self.eos_token_ids = sorted(i for i in ids if i is not None)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def sync_weights(self, model, version: int) -> None:
+        self.model, self.version = model, version
+
+    def close(self) -> None:
+        pass
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
+    ) -> list[list[Completion]]:
+        import torch
+
+        rows = [ids for ids in prompt_ids for _ in range(n)]
+        step = self.batch_size or len(rows)
+        seeded = sampling.seed is not None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        flat: list[Completion] = []
+        with torch.random.fork_rng(devices=devices, enabled=seeded):
+            if seeded:
+                torch.manual_seed(sampling.seed)
+            for start in range(0, len(rows), step):
+                flat += self._generate_rows(rows[start : start + step], sampling)
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _generate_rows(self, rows: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        model = self.model
+        device = next(model.parameters()).device
+        width = max(len(ids) for ids in rows)
+        if self.static_cache:  # few cache shapes, so few compilations: 64, 128, 256, 512, ... tokens
+            width = max(self.MIN_PAD, 1 << (width - 1).bit_length())
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):  # left padding
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        recorder = _SamplingProcessor(sampling)
+        options = dict(  # explicit, so nothing is inherited from the model's own generation_config
+            repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1
+        )  # fmt: skip
+        if sampling.temperature > 0:
+            options |= dict(
+                temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0
+            )
+            if getattr(model.generation_config, "min_p", None) is not None:
+                options["min_p"] = 0.0
+        if self.static_cache:
+            options |= dict(cache_implementation="static", disable_compile=not self.compile)
+        generation_config = GenerationConfig(
+            do_sample=sampling.temperature > 0,
+            max_new_tokens=sampling.max_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            stop_strings=list(sampling.stop) or None,
+            **options,
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                sequences = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=generation_config,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    tokenizer=self.tokenizer if sampling.stop else None,
+                )
+        except Exception as exc:
+            if not self.compile or self._compiled:
+                raise
+            log.warning("grpo: the compiled decode step failed (%s: %s); generating uncompiled from now on "
+                        "(set grpo.hf_compile = false to skip the attempt)", type(exc).__name__, exc)  # fmt: skip
+            self.compile = self.static_cache = False
+            return self._generate_rows(rows, sampling)
+        finally:
+            model.train(was_training)
+        self._compiled = self.compile
+        new = sequences[:, width:]
+        logprobs = recorder.finish(new)
+        return [self._completion(new[i].tolist(), logprobs[i], sampling) for i in range(len(rows))]
+
+    def _completion(self, ids: list[int], logprobs: list[float], sampling: SamplingParams) -> Completion:
+        end, reason = len(ids), "length"
+        for index, token in enumerate(ids):
+            if token in self.eos_token_ids:
+                end, reason = index + 1, "stop"
+                break
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        if sampling.stop:
+            end, reason, text = self._cut_at_stop(ids, end, reason, text, sampling.stop)
+        return Completion(ids[:end], text, logprobs[:end], reason, self.version)
+
+    def _cut_at_stop(self, ids, end, reason, text, stop):
+        """The first token whose decoding completes a stop string ends the completion there."""
+        if not any(s in text for s in stop):
+            return end, reason, text
+        for index in range(end):
+            prefix = self.tokenizer.decode(ids[: index + 1], skip_special_tokens=True)
+            found = [prefix.index(s) for s in stop if s in prefix]
+            if found:
+                return index + 1, "stop", prefix[: min(found)]
+        return end, reason, text
+
+
+class _SamplingProcessor:
+    """The last logits processor of ``generate``: records logprobs, then applies ftcore's filters.
+
+    ``generate`` runs with no warpers of its own, so the scores arriving here are the model's
+    logits. Each call first gathers the previous step's logprob row at the token just sampled.
+    """
+
+    def __init__(self, sampling: SamplingParams):
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.temperature = sampling.temperature or 1.0
+        self.filters = []
+        if sampling.repetition_penalty != 1.0:
+            self.filters.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if sampling.temperature not in (0, 1.0):
+            self.filters.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k > 0:
+            self.filters.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.filters.append(TopPLogitsWarper(sampling.top_p))
+        if sampling.min_p > 0:
+            self.filters.append(MinPLogitsWarper(sampling.min_p))
+        self.previous = None
+        self.logprobs: list[Any] = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self._gather(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        for step in self.filters:
+            scores = step(input_ids, scores)
+        return scores
+
+    def _gather(self, tokens):
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, tokens[:, None].to(self.previous.device))[:, 0])
+
+    def finish(self, new_tokens) -> list[list[float]]:
+        """Per-row logprobs of ``new_tokens`` (the generated part of the sequences)."""
+        import torch
+
+        if new_tokens.shape[1] > len(self.logprobs):
+            self._gather(new_tokens[:, len(self.logprobs)])
+        self.previous = None
+        if not self.logprobs:
+            return [[] for _ in range(new_tokens.shape[0])]
+        return torch.stack(self.logprobs, dim=1).tolist()

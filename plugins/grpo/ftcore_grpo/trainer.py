@@ -1,0 +1,252 @@
+"""The grpo trainer: TRL's ``GRPOTrainer`` with ftcore's rollout producer in place of its own
+generation and reward calls.
+
+TRL keeps what it does well: the sampler (each prompt repeated ``num_generations`` times,
+batches reused ``num_iterations`` times), padding, old/reference log-probs, advantages (GRPO and
+GDPO aggregation, ``scale_rewards``, ``None`` rewards excluded), the clipped loss of every
+``loss_type`` with its KL, clip-ratio and entropy metrics. ftcore adds: the ``Generator``
+backends with weight sync every ``sync_interval`` steps and policy versions, stop strings, reward
+workers with timeouts, truncation by finish reason, per-step rollout metrics, completions.jsonl,
+a frozen-copy reference under full fine-tuning, and resume at the right rollout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from ftcore.train import remove_default_printer
+from trl import GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+from ftcore_grpo import state
+from ftcore_grpo.rollout import Rollout, RolloutProducer
+
+log = logging.getLogger("ftcore.grpo")
+
+COMPLETIONS_FILE = "completions.jsonl"
+TRL_TRUNCATION_METRICS = (
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+)
+"""TRL's metrics that call a completion truncated when it does not end in EOS (wrong with stop
+strings); ftcore logs ``completions/truncated_fraction`` from each completion's finish reason."""
+
+
+class FtcoreGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose rollouts come from a ``RolloutProducer``."""
+
+    def __init__(self, *args, producer: RolloutProducer, ftcore_run, ref_model=None, **kwargs):
+        trl_args = kwargs["args"]
+        beta, trl_args.beta = trl_args.beta, 0.0  # no "ref" adapter copy, no reference reloaded from disk
+        super().__init__(*args, **kwargs)
+        self.beta = self.args.beta = beta
+        if beta and ref_model is not None:
+            self.ref_model = self._prepare_reference(ref_model)
+        self.producer, self.ftcore_config = producer, ftcore_run.config
+        self.grpo, self.output_dir = ftcore_run.config.grpo, Path(ftcore_run.output_dir)
+        self._rollout: Rollout | None = None
+        self.last_rollout: Rollout | None = None
+        self._synced_step: int | None = None
+        self._aligned = False
+        self._eval_rollouts = 0
+        self._next_completions_log = 0
+        self.restored_state: dict | None = None
+        remove_default_printer(self)
+        state.attach(self.ftcore_config, self)
+
+    def _send_telemetry(self):
+        """ftcore reports nothing by default; TRL's usage ping stays off."""
+
+    def create_model_card(self, *args, **kwargs):
+        """No README.md in checkpoints/: the output_dir layout is ftcore's."""
+
+    def _prepare_reference(self, ref_model):
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        add_fused_lm_head(
+            ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
+        )
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    @property
+    def generate_every(self) -> int:
+        """Micro-steps between two rollouts (one rollout feeds ``num_iterations`` optimizer steps)."""
+        return self.args.steps_per_generation * self.num_iterations
+
+    def rollout_index(self) -> int:
+        return self._step // self.generate_every
+
+    # -- the training loop's entry: rollouts at the right position, also after --resume
+
+    def _prepare_inputs(self, generation_batch):
+        if self.model.training and not self._aligned:
+            self._align_with_resumed_step()
+        return super()._prepare_inputs(generation_batch)
+
+    def _align_with_resumed_step(self) -> None:
+        """TRL counts micro-steps from 0 in every process; a resumed run continues the count."""
+        self._aligned = True
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        every = self._completions_every()
+        self._next_completions_log = -(-self.state.global_step // every) * every if every else 0
+        if self.accelerator.is_main_process:
+            _trim_rows(self.output_dir / COMPLETIONS_FILE, self.state.global_step)
+        saved = self.restored_state
+        if saved and (saved["rollout_index"], saved["sampler_seed"]) != (
+            self.rollout_index(),
+            self.args.seed,
+        ):
+            log.warning(
+                "grpo: the checkpoint was at rollout %d (seed %d); this run continues at rollout %d (seed %d)",
+                saved["rollout_index"], saved["sampler_seed"], self.rollout_index(), self.args.seed,
+            )  # fmt: skip
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_rollouts = 0  # every evaluation samples with the same seeds
+        return super().evaluate(*args, **kwargs)
+
+    # -- rollouts: the producer generates and scores; TRL turns them into tensors and advantages
+
+    def _generate_and_score_completions(self, inputs):
+        training = self.model.training
+        if training:
+            self._sync_generator()
+            index = self.rollout_index()
+        else:
+            self._eval_rollouts += 1
+            index = -self._eval_rollouts
+        self._rollout = self.last_rollout = self.producer.produce(inputs, index)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            self._after_rollout(self._rollout, output, "train" if training else "eval")
+        finally:
+            self._rollout = None
+        return output
+
+    def _sync_generator(self) -> None:
+        """Hand the policy to the generator before the first rollout, then every ``sync_interval`` steps."""
+        step = self.state.global_step
+        interval = self.grpo.sync_interval if self.grpo.generation == "vllm" else 1
+        if self._synced_step is None or step - self._synced_step >= interval:
+            self.producer.generator.sync_weights(self.accelerator.unwrap_model(self.model), step)
+            self._synced_step = step
+
+    def _tokenize_prompts(self, prompts):
+        return [row["prompt_ids"] for row in self._rollout.rows], None, {}
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        completions = self._rollout.completions
+        logprobs = [c.logprobs for c in completions]
+        return [c.token_ids for c in completions], (None if any(lp is None for lp in logprobs) else logprobs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        from accelerate.utils import gather
+
+        values = [[math.nan if v is None else v for v in sample] for sample in self._rollout.rewards]
+        return gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
+
+    def _after_rollout(self, rollout: Rollout, output: dict, mode: str) -> None:
+        device = self.accelerator.device
+        truncated = torch.tensor([c.finish_reason == "length" for c in rollout.completions], device=device)
+        if self.grpo.mask_truncated_completions:
+            output["completion_mask"] = output["completion_mask"] * (~truncated).unsqueeze(1).int()
+            output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
+        metrics = self._metrics[mode]
+        for key in TRL_TRUNCATION_METRICS:
+            metrics.pop(key, None)
+        gather = self.accelerator.gather
+        metrics["completions/truncated_fraction"].append(gather(truncated.float()).mean().item())
+        for name, count in rollout.failures.items():
+            metrics[f"rewards/{name}/failures"].append(
+                gather(torch.tensor([float(count)], device=device)).sum().item()
+            )
+        lags = torch.tensor(
+            [float(self.state.global_step - c.policy_version) for c in rollout.completions], device=device
+        )
+        lags = gather(lags)
+        metrics["policy/version_lag_mean"].append(lags.mean().item())
+        metrics["policy/version_lag_max"].append(lags.max().item())
+        times = gather(
+            torch.tensor([rollout.generation_seconds, rollout.scoring_seconds], device=device).view(1, 2)
+        )
+        metrics["timing/generation_seconds"].append(times[:, 0].max().item())
+        metrics["timing/scoring_seconds"].append(times[:, 1].max().item())
+        if mode == "train" and self.accelerator.is_main_process:
+            self._log_completions(rollout, output["advantages"].tolist())
+
+    # -- completions.jsonl
+
+    def _completions_every(self) -> int:
+        every = self.grpo.log_completions_steps
+        return self.args.logging_steps if every is None else every
+
+    def _log_completions(self, rollout: Rollout, advantages: list[float]) -> None:
+        every, step = self._completions_every(), self.state.global_step
+        if not every or step < self._next_completions_log:
+            return
+        self._next_completions_log = (step // every + 1) * every
+        weights = self.reward_weights.tolist()
+        names = [reward.name for reward in self.producer.scorer.rewards]
+        lines = []
+        for i in range(min(self.grpo.log_completions_count, len(rollout.completions))):
+            completion, scores = rollout.completions[i], rollout.rewards[i]
+            present = [w * v for w, v in zip(weights, scores, strict=True) if v is not None]
+            record = {
+                "step": step + 1,
+                "rollout": rollout.index,
+                "policy_version": completion.policy_version,
+                "prompt": rollout.rows[i]["prompt"],
+                "completion": completion.text,
+                "finish_reason": completion.finish_reason,
+                "tokens": len(completion.token_ids),
+                "rewards": dict(zip(names, scores, strict=True)),
+                "reward": sum(present) if present else None,
+                "advantage": advantages[i],
+            }
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / COMPLETIONS_FILE).open("a", encoding="utf-8") as handle:
+            handle.writelines(lines)
+
+    # -- checkpoint state (through the plugin's checkpoint_state hook)
+
+    def rollout_state(self) -> dict:
+        """The rollout position and sampler settings, stored in every checkpoint."""
+        return {
+            "global_step": self.state.global_step,
+            "rollout_index": self.rollout_index(),
+            "prompts_seen": self.rollout_index() * self.args.generation_batch_size // self.num_generations,
+            "policy_version": self._synced_step,
+            "sampler_seed": self.args.seed,
+        }
+
+    def restore_rollout_state(self, state: dict) -> None:
+        """Keep a checkpoint's rollout state; the first rollout after resuming checks it."""
+        self.restored_state = dict(state)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.producer.close()
+            state.detach(self.ftcore_config)
+
+
+def _trim_rows(path: Path, last_step: int) -> None:
+    """Keep the rows of ``path`` up to ``last_step`` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines(True)
+        if json.loads(line)["step"] <= last_step
+    ]
+    path.write_text("".join(kept), encoding="utf-8")

