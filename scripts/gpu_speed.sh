@@ -10,7 +10,7 @@
 # configuration), profile-MODEL-ftcore-liger-compile.txt (torch.profiler's kernel table of two steps
 # after the timed ones), bench-MODEL.log (the drivers' output), logs/ (every worker's log), env.txt.
 # Configurations run most important first; none starts with less than 90 s of BUDGET (seconds,
-# default 450) left, and one still running when BUDGET ends is stopped. Prepare here first (with
+# default 450) left, and one still running when BUDGET ends (or after 240 s) is stopped. Prepare here first (with
 # network): bash scripts/fetch_gpu_wheels.sh (creates .whl/, carried to the GPU machine).
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_speed.sh RESULTS_DIR}
@@ -35,7 +35,7 @@ run_model() {  # model, GPU index
   local work=/tmp/ftcore-speed-$1
   rm -rf "$work"
   CUDA_VISIBLE_DEVICES=$2 python3 benchmarks/sft_throughput.py --models "$1" --configs "${configs[$1]}" \
-    --rows 800 --budget "$lane_budget" --work "$work" --out "$out/results-$1.jsonl" \
+    --rows 800 --budget "$lane_budget" --config-timeout 240 --work "$work" --out "$out/results-$1.jsonl" \
     --profile ftcore-liger-compile > "$out/bench-$1.log" 2>&1
   cp "$work"/*.log "$out/logs/" 2>/dev/null
   rm -rf "$work"
