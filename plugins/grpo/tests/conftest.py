@@ -7,7 +7,7 @@
   complete, a lock file keeps two test runs from building it at once. Without network access to
   the package index the build fails within minutes with a message saying so.
 - ``tiny_vllm_model``: a random-init tiny Llama with head_dim 64 (vLLM's CPU attention needs
-  head_dim >= 32) and the packaged stories tokenizer, saved once per session.
+  head_dim >= 32), tied embeddings and the packaged stories tokenizer, saved once per session.
 - ``tiny_server``: ``ftcore vllm-serve`` for that model, session-scoped, on 127.0.0.1 and a free
   port, with run-time LoRA loading and the full-weight reload endpoints; restarted if a test killed
   it; stopped at the end of the session.
@@ -116,7 +116,10 @@ def vllm_python() -> str:
 
 
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A random-init 2-layer Llama (head_dim 64) with the stories tokenizer, float32, in HF format."""
+    """A random-init 2-layer Llama (head_dim 64) with the stories tokenizer, float32, in HF format.
+
+    Its LM head is tied to the embeddings (as Qwen3-0.6B's and the quickstart model's): after a
+    full-weight reload vLLM must compute the head from the new embeddings too."""
     import torch
     from ftcore.testing import stories_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +128,7 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     config = AutoConfig.for_model(
         "llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 from ftcore.config import load_config
 from ftcore.errors import ConfigError
-from ftcore_grpo.vllm import VLLMClient, VLLMServerError, free_port, same_model, server_command, vllm_version
+from ftcore_grpo.vllm import (
+    WORKER_DIR,
+    WORKER_EXTENSION,
+    VLLMClient,
+    VLLMServerError,
+    free_port,
+    same_model,
+    server_command,
+    vllm_version,
+)
 
 
 def write(tmp_path: Path, vllm: str, adapter: bool = True) -> Path:
@@ -114,14 +123,28 @@ def test_a_python_without_vllm_is_a_config_error(tmp_path):
         vllm_version(str(tmp_path / "nope" / "python"))
 
 
-def test_server_command_and_model_identity(tmp_path):
+def test_server_command():
     command = server_command("py", "/m", port=8123, max_model_len=64, dtype="float32", lora_rank=12)
     assert command[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
     joined = " ".join(command)
     assert "--host 127.0.0.1 --port 8123" in joined and "--logprobs-mode processed_logprobs" in joined
     assert "--max-model-len 64" in joined and "--dtype float32" in joined and "--max-lora-rank 16" in joined
-    assert "--enable-lora" not in " ".join(server_command("py", "/m", port=1))
+    assert (
+        f"--worker-extension-cls {WORKER_EXTENSION}" in joined and "--no-enable-chunked-prefill" not in joined
+    )
+    plain = " ".join(server_command("py", "/m", port=1, cpu=True))
+    assert "--enable-lora" not in plain and "--no-enable-chunked-prefill" in plain
 
+
+def test_the_worker_extension_is_importable_alone():
+    """vLLM's workers import it by name from WORKER_DIR, in an environment without ftcore."""
+    code = "import ftcore_vllm_worker as m; print(m.FtcoreWorkerExtension().ftcore_extension_version())"
+    result = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(WORKER_DIR)!r}); {code}"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.stdout.strip() == "1", result.stderr
+
+
+def test_a_served_model_is_the_same_path_or_hub_id(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "model")
     assert same_model(str(tmp_path / "link"), str(tmp_path / "model"))
