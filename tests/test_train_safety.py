@@ -122,7 +122,7 @@ def live_run(tmp_path_factory):
         time.sleep(0.1)
     holder, refused = (first, second) if second.poll() is not None else (second, first)
     refused_stderr = refused.communicate()[1]
-    while not (flags / "step-1").exists():
+    while not (flags / "step-2").exists():  # step 1 is logged (metrics.jsonl) before step 2 ends
         assert time.time() < deadline and holder.poll() is None, holder.communicate()[1]
         time.sleep(0.1)
     yield path, folder / "out", holder, refused.returncode, refused_stderr
