@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 from ftcore.train import one_gpu_per_process, training_arguments
 from trl import GRPOConfig
 
 from ftcore_grpo.data import prepare_prompts, template_kwargs
 from ftcore_grpo.generation import SamplingParams, build_generator
+from ftcore_grpo.hookspecs import add_to as add_hookspecs
 from ftcore_grpo.rollout import RolloutProducer
-from ftcore_grpo.scoring import RewardScorer, resolve_rewards
+from ftcore_grpo.scoring import Reward, RewardScorer, resolve_rewards
 from ftcore_grpo.trainer import FtcoreGRPOTrainer
 
 
@@ -74,7 +76,7 @@ class GRPOMethod:
         config = run.config
         data = prepare_prompts(config, run.plugins, run.tokenizer)
         run.data_fingerprint = data.fingerprint
-        rewards = resolve_rewards(config, run.plugins)
+        rewards = self.rewards(run)
         args = one_gpu_per_process(
             GRPOConfig(
                 **{
@@ -89,9 +91,7 @@ class GRPOMethod:
         ref_model = reference_model(run)
         generator = build_generator(config, run.model, run.tokenizer, run.output_dir)
         scorer = RewardScorer(rewards, workers=config.grpo.reward_workers, timeout=config.grpo.reward_timeout)
-        producer = RolloutProducer(
-            generator, scorer, sampling_params(config), seed=config.train.seed, rank=args.process_index
-        )
+        producer = self.producer(run, generator, scorer, sampling_params(config))
         return FtcoreGRPOTrainer(
             model=run.model,
             reward_funcs=rewards,  # TRL reads their names; ftcore's producer calls them
@@ -104,6 +104,22 @@ class GRPOMethod:
             ftcore_run=run,
             ref_model=ref_model,
         )
+
+    def rewards(self, run) -> list[Reward]:
+        """The run's reward functions: ``[grpo] rewards`` (a subclass adds its own reward source here)."""
+        return resolve_rewards(run.config, run.plugins)
+
+    def producer(self, run, generator, scorer, sampling) -> RolloutProducer:
+        """The run's rollout producer: the first plugin's ``grpo_rollout_producer`` (see
+        ``ftcore_grpo.hookspecs``), else grpo's own."""
+        add_hookspecs(run.plugins)
+        supplied = run.plugins.hook.grpo_rollout_producer(
+            run=run, generator=generator, scorer=scorer, sampling=sampling
+        )
+        if supplied is not None:
+            return supplied
+        rank = int(os.environ.get("RANK", "0"))
+        return RolloutProducer(generator, scorer, sampling, seed=run.config.train.seed, rank=rank)
 
     def preview(self, config, plugins, tokenizer, n: int, *, color: bool = False) -> list[str]:
         """What ``ftcore preprocess --show N`` prints: N templated prompts, then a summary."""

@@ -126,3 +126,47 @@ def test_resume_after_sigkill_continues_with_the_same_prompts(tmp_path):
         assert [row["rollout"] for row in got[step]] == [step - 1] * 8
     # the same weights and the same rollout seeds: the same completions after the resume, on the CPU
     assert [row["completion"] for row in got[6]] == [row["completion"] for row in expected[6]]
+
+
+PRODUCER_PLUGIN = """
+from ftcore.hookspecs import hookimpl
+from ftcore_grpo.rollout import RolloutProducer
+
+name = "token_count_env"
+produced = []
+
+
+class TokenCountEnv(RolloutProducer):
+    \"\"\"Generates as grpo does; scores every completion by its length in tokens.\"\"\"
+
+    def produce(self, rows, index):
+        rollout = super().produce(rows, index)
+        produced.append(index)
+        rollout.rewards = [[float(len(c.token_ids))] for c in rollout.completions]
+        return rollout
+
+
+@hookimpl(optionalhook=True)
+def grpo_rollout_producer(run, generator, scorer, sampling):
+    return TokenCountEnv(generator, scorer, sampling, seed=run.config.train.seed)
+"""
+
+
+def test_a_plugin_supplies_the_rollouts_through_grpo_rollout_producer(tmp_path, monkeypatch):
+    (tmp_path / "grpo_envs").mkdir()
+    (tmp_path / "grpo_envs" / "__init__.py").write_text("")
+    (tmp_path / "grpo_envs" / "token_count.py").write_text(PRODUCER_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, steps=2)
+    text = path.read_text().replace('plugins = ["grpo"]', 'plugins = ["grpo", "grpo_envs.token_count"]')
+    text = text.replace(
+        'rewards = ["grpo_run_rewards:says_the", "length_penalty"]', 'rewards = ["length_penalty"]'
+    )
+    path.write_text(text.replace("reward_weights = [1.0, 0.5]", ""))
+    config, plugins = load_config(path)
+    run_training(config, plugins)
+    from grpo_envs import token_count
+
+    assert token_count.produced == [0, 1]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert rows and all(row["reward"] == row["tokens"] for row in rows)
