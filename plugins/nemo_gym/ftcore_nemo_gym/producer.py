@@ -1,0 +1,182 @@
+"""grpo rollouts from NeMo Gym.
+
+``VerifyProducer`` (single-turn): grpo's generator samples the completions; each sample gets its own
+cookie session on the row's resource server: ``/seed_session`` with the task, then ``/verify`` with
+the task (its ``responses_create_params``: system message and tools kept) and the completion as a
+Responses object. A reply that is not 200 with a numeric ``reward`` (or says ``mask_sample``) gives
+``None`` and counts in ``nemo_gym/verify_errors``. When every request of a rollout to a server got
+no answer, the server is down: the run saves a checkpoint and stops with an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from ftcore_grpo.rollout import Rollout, RolloutProducer, prompt_groups, rollout_seed
+
+from ftcore_nemo_gym.client import GymError, ServerDown, Session, discover
+
+log = logging.getLogger("ftcore.nemo_gym")
+
+
+class Deployment:
+    """The Gym servers of a run and how a task row is routed: agent -> its resource server."""
+
+    def __init__(self, url: str, section):
+        self.section = section
+        self.servers = discover(url, timeout=section.verify_timeout)
+        self.agents = {n: s for n, s in self.servers.items() if s.kind == "responses_api_agents"}
+        if not self.agents:
+            raise GymError(f"the Gym deployment at {url} has no agent (responses_api_agents) server")
+
+    def agent(self, name: str):
+        name = name or self.section.agent or (next(iter(self.agents)) if len(self.agents) == 1 else "")
+        if name not in self.agents:
+            raise GymError(
+                f"no Gym agent {name!r} at {self.section.url or 'the started deployment'}; its agents: "
+                f"{sorted(self.agents)} (set agent_ref in the rows or [nemo_gym] agent)"
+            )
+        return self.agents[name]
+
+    def resources_server(self, agent):
+        ref = agent.config.get("resources_server") or {}
+        server = self.servers.get(ref.get("name", ""))
+        if server is None:
+            raise GymError(f"Gym agent {agent.name} ({agent.url}) names no running resources server: {ref}")
+        return server
+
+
+def response_object(text: str, tools: list) -> dict:
+    """The Responses object of one assistant message (every field ``/verify`` validates)."""
+    message = {
+        "type": "message", "id": "msg", "role": "assistant", "status": "completed",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }  # fmt: skip
+    return {
+        "id": "resp", "created_at": 0, "model": "policy", "object": "response", "output": [message],
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": tools,
+    }  # fmt: skip
+
+
+def reward_of(reply) -> float | None:
+    """The reward of a ``/verify`` or ``/run`` reply, None if missing, not a number or masked."""
+    if not isinstance(reply, dict) or reply.get("mask_sample"):
+        return None
+    value = reply.get("reward")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+class Outcome:
+    """One sample's result: reward (None on error), the error, turns and tool calls."""
+
+    def __init__(self, env: str, server: str, reward=None, error=None, down=False, turns=1, tool_calls=0):
+        self.env, self.server, self.reward, self.error, self.down = env, server, reward, error, down
+        self.turns, self.tool_calls = turns, tool_calls
+
+
+class GymProducer(RolloutProducer):
+    """Shared by both modes: routing, concurrency, metrics and the down-server rule."""
+
+    def __init__(self, generator, scorer, sampling, *, seed, rank, deployment, run):
+        super().__init__(generator, scorer, sampling, seed=seed, rank=rank)
+        self.deployment, self.run, self.section = deployment, run, deployment.section
+        self.pool = ThreadPoolExecutor(self.section.max_concurrency, thread_name_prefix="nemo-gym")
+        self.first_error_logged = False
+        self.launcher = None  # the auto_start ng_run, stopped by close()
+
+    def record(self, outcomes: list[Outcome], index: int, errors_name: str) -> None:
+        """Per-environment metrics to the next logged row; a server that never answered stops the run."""
+        if index < 0:  # evaluation rollouts: the trainer logs their rewards
+            return
+        by_env = defaultdict(list)
+        for outcome in outcomes:
+            by_env[outcome.env].append(outcome)
+        metrics = {errors_name: float(sum(o.error is not None for o in outcomes))}
+        for env, group in by_env.items():
+            rewards = [o.reward for o in group if o.reward is not None]
+            prefix = f"nemo_gym/{env}"
+            metrics[f"{prefix}/reward_mean"] = sum(rewards) / len(rewards) if rewards else math.nan
+            metrics[f"{prefix}/success_rate"] = sum(r >= 1.0 for r in rewards) / len(group)
+            metrics[f"{prefix}/turns"] = sum(o.turns for o in group) / len(group)
+            metrics[f"{prefix}/tool_calls"] = sum(o.tool_calls for o in group) / len(group)
+            metrics[f"{prefix}/errors"] = float(sum(o.error is not None for o in group))
+        self.run.log_metrics(metrics)
+        failed = [o for o in outcomes if o.error is not None]
+        if failed and not self.first_error_logged:
+            self.first_error_logged = True
+            log.warning("nemo_gym: %d of %d samples got no reward; the first: %s", len(failed), len(outcomes),
+                        failed[0].error)  # fmt: skip
+        servers = defaultdict(list)
+        for outcome in outcomes:
+            servers[outcome.server].append(outcome)
+        for group in servers.values():
+            if all(o.down for o in group):
+                self.run.stash.setdefault("nemo_gym", {})["down"] = (
+                    f"{group[0].error}. The run saved a checkpoint and stopped: restart the Gym server, then "
+                    "continue with ftcore run CONFIG --resume"
+                )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            super().close()
+        finally:
+            if self.launcher is not None:
+                self.launcher.stop()
+
+
+class VerifyProducer(GymProducer):
+    """Single-turn: grpo generates, the row's resource server scores with ``/verify``."""
+
+    def produce(self, rows, index) -> Rollout:
+        groups = prompt_groups(rows)
+        sizes = {end - start for start, end in groups}
+        sampling = replace(self.sampling, seed=rollout_seed(self.seed, index, self.rank))
+        started = time.perf_counter()
+        if len(sizes) == 1:
+            nested = self.generator.generate(
+                [rows[s]["prompt_ids"] for s, _ in groups], sizes.pop(), sampling
+            )
+        else:
+            nested = self.generator.generate([row["prompt_ids"] for row in rows], 1, sampling)
+        completions = [c for per_prompt in nested for c in per_prompt]
+        generation_seconds = time.perf_counter() - started
+        texts = iter([c.text for c in completions])
+        pairs = [(row, next(texts)) for row in rows]
+        started = time.perf_counter()
+        outcomes = list(self.pool.map(lambda pair: self.verify(json.loads(pair[0]["nemo_gym_task"]),
+                                                               pair[0]["nemo_gym_agent"], pair[1]), pairs))  # fmt: skip
+        self.record(outcomes, index, "nemo_gym/verify_errors")
+        return Rollout(
+            index=index, rows=rows, completions=completions, rewards=[[o.reward] for o in outcomes],
+            failures={"nemo_gym": sum(o.error is not None for o in outcomes)}, groups=groups,
+            generation_seconds=generation_seconds, scoring_seconds=time.perf_counter() - started,
+        )  # fmt: skip
+
+    def verify(self, task: dict, agent_name: str, text: str, session: Session | None = None) -> Outcome:
+        """Score one completion in its own session (or ``session``): ``/seed_session``, then ``/verify``."""
+        agent = self.deployment.agent(agent_name)
+        server = self.deployment.resources_server(agent)
+        session = session or Session(self.section.retries)
+        timeout = self.section.verify_timeout
+        params = task["responses_create_params"]
+        try:
+            session.post(server, "/seed_session", task, timeout)
+            body = {**task, "response": response_object(text, params.get("tools") or [])}
+            reply = session.post(server, "/verify", body, timeout)
+        except GymError as exc:
+            return Outcome(agent.name, server.name, error=str(exc), down=isinstance(exc, ServerDown))
+        reward = reward_of(reply)
+        if reward is None:
+            detail = reply.get("failure_reason") if isinstance(reply, dict) else None
+            error = f"Gym server {server.name} ({server.url}/verify) sent no usable reward ({detail or 'no reward'})"
+            return Outcome(agent.name, server.name, error=error)
+        return Outcome(agent.name, server.name, reward=reward)

@@ -1,0 +1,175 @@
+"""Fixtures of the nemo_gym tests: a real NeMo Gym environment and real Gym servers, no mocks.
+
+- ``gym_python``: the Python of a Gym 0.7.0 environment. ``FTCORE_GYM_PYTHON`` names an existing
+  one; otherwise it is built once under ``~/.cache/ftcore/test-envs/nemo-gym-0.7.0``
+  (``FTCORE_TEST_ENVS`` moves the root): the wheel's dependencies installed normally, then the
+  wheel with ``--no-deps --ignore-requires-python`` (Gym declares Python >= 3.13; its servers run
+  on 3.11). About 2 to 4 minutes on a 2-core machine, once; a marker file says it is complete, a
+  lock keeps two test runs from building it at once.
+- ``gym``: one deployment for the session, started by the plugin's own ``auto_start`` launcher
+  (``ng_run``): the ``string_match``, ``example_session_state_mgmt`` and ``example_single_tool_call``
+  resource servers with their ``simple_agent``s and Gym's ``vllm_model``. Every server gets the
+  test environment's Python (``uv_venv_dir`` holds links to it, ``skip_venv_if_present``), so ng_run
+  installs nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+GYM_VERSION = "0.7.0"
+ENV_ROOT = Path(os.environ.get("FTCORE_TEST_ENVS", "~/.cache/ftcore/test-envs")).expanduser()
+ENV_DIR = ENV_ROOT / f"nemo-gym-{GYM_VERSION}"
+COMPLETE_MARKER = ".ftcore-complete"
+PIP_ARGS = ["--disable-pip-version-check", "--timeout", "30", "--retries", "2"]
+BUILD_TIMEOUT = 30 * 60
+SERVER_DIRS = (
+    "resources_servers/string_match",
+    "resources_servers/example_session_state_mgmt",
+    "resources_servers/example_single_tool_call",
+    "responses_api_agents/simple_agent",
+    "responses_api_models/vllm_model",
+    "environment_servers/legacy_agent",
+)
+CONFIGS = (
+    "resources_servers/string_match/configs/string_match.yaml",
+    "resources_servers/example_session_state_mgmt/configs/example_session_state_mgmt.yaml",
+    "resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml",
+    "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
+)
+DATA = Path(__file__).resolve().parents[3] / "core" / "ftcore" / "testdata" / "data" / "nemo_gym"
+
+
+def _pip(python: Path, args: list[str], log, deadline: float) -> None:
+    command = [str(python), "-m", "pip", *args, *PIP_ARGS]
+    log.write(f"$ {' '.join(command)}\n")
+    log.flush()
+    result = subprocess.run(
+        command, stdout=log, stderr=subprocess.STDOUT, timeout=max(60, deadline - time.time())
+    )
+    if result.returncode:
+        raise RuntimeError(f"`pip {' '.join(args)}` failed with exit code {result.returncode}")
+
+
+def build_gym_env(env_dir: Path = ENV_DIR) -> Path:
+    """The Gym environment's python, built once (under a lock) and marked complete."""
+    python = env_dir / "bin" / "python"
+    if (env_dir / COMPLETE_MARKER).exists():
+        return python
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(env_dir.parent / f"{env_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (env_dir / COMPLETE_MARKER).exists():
+            return python
+        log_path = env_dir.parent / f"{env_dir.name}.build.log"
+        started = time.time()
+        deadline = started + BUILD_TIMEOUT
+        with open(log_path, "w") as log:
+            try:
+                shutil.rmtree(env_dir, ignore_errors=True)  # an interrupted build
+                subprocess.run(
+                    [sys.executable, "-m", "venv", str(env_dir)], check=True, stdout=log, stderr=log
+                )
+                wheels = env_dir / "wheel"
+                _pip(python, ["download", f"nemo-gym=={GYM_VERSION}", "--no-deps", "--ignore-requires-python",
+                              "-d", str(wheels)], log, deadline)  # fmt: skip
+                wheel = next(wheels.glob("nemo_gym-*.whl"))
+                with zipfile.ZipFile(wheel) as archive:
+                    metadata = archive.read(f"nemo_gym-{GYM_VERSION}.dist-info/METADATA").decode()
+                requirements = [
+                    line.split(":", 1)[1].strip()
+                    for line in metadata.splitlines()
+                    if line.startswith("Requires-Dist:") and "extra ==" not in line
+                ]
+                _pip(python, ["install", *requirements], log, deadline)
+                _pip(python, ["install", "--no-deps", "--ignore-requires-python", str(wheel)], log, deadline)
+            except (RuntimeError, OSError, StopIteration, subprocess.SubprocessError) as exc:
+                log.flush()
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                pytest.fail(
+                    f"could not build the NeMo Gym test environment in {env_dir} ({exc!r}): it installs "
+                    f"nemo-gym=={GYM_VERSION} and its dependencies from the package index, so it needs access to "
+                    f"it; or point FTCORE_GYM_PYTHON at an existing Gym environment's python. Log {log_path}:\n{tail}",
+                    pytrace=False,
+                )
+        (env_dir / COMPLETE_MARKER).write_text(
+            json.dumps({"nemo-gym": GYM_VERSION, "seconds": round(time.time() - started)})
+        )
+        return python
+
+
+@pytest.fixture(scope="session")
+def gym_python() -> Path:
+    existing = os.environ.get("FTCORE_GYM_PYTHON")
+    return Path(existing) if existing else build_gym_env()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gym_root(python: Path) -> Path:
+    """Where the Gym wheel put its server folders (site-packages): ng_run's working directory."""
+    out = subprocess.run(
+        [str(python), "-c", "import nemo_gym, pathlib; print(pathlib.Path(nemo_gym.__file__).parents[1])"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return Path(out.stdout.strip())
+
+
+def linked_venvs(folder: Path, python: Path) -> Path:
+    """A ``uv_venv_dir`` whose per-server venvs are links to the test environment."""
+    for server in SERVER_DIRS:
+        (folder / server).mkdir(parents=True, exist_ok=True)
+        (folder / server / ".venv").symlink_to(python.parent.parent)
+    return folder
+
+
+class GymDeployment:
+    """The session's Gym: head URL, launcher (the plugin's), servers by name."""
+
+    def __init__(self, launcher, url: str):
+        from ftcore_nemo_gym.client import discover
+
+        self.launcher, self.url = launcher, url
+        self.servers = discover(url)
+
+
+def start_gym(tmp: Path, python: Path, policy_url: str = "http://127.0.0.1:9/v1", extra=()) -> GymDeployment:
+    from ftcore_nemo_gym.config import NemoGymSection
+    from ftcore_nemo_gym.launcher import GymLauncher
+
+    venvs = linked_venvs(tmp / "venvs", python)
+    section = NemoGymSection(
+        auto_start=True, gym_dir=str(gym_root(python)), python=str(python), config_paths=list(CONFIGS),
+        head_port=free_port(), start_timeout=300,
+        overrides=[f"+uv_venv_dir={venvs}", f"+policy_base_url={policy_url}", "+policy_api_key=none",
+                   "+policy_model_name=ftcore-policy", "+model_endpoint_readiness_timeout_seconds=0", *extra],
+    )  # fmt: skip
+    launcher = GymLauncher(section, tmp / "ng_run.log")
+    return GymDeployment(launcher, launcher.start())
+
+
+@pytest.fixture(scope="session")
+def gym(tmp_path_factory, gym_python):
+    deployment = start_gym(tmp_path_factory.mktemp("gym"), gym_python)
+    yield deployment
+    deployment.launcher.stop()
+
+
+@pytest.fixture(scope="session")
+def gym_data() -> Path:
+    return DATA
