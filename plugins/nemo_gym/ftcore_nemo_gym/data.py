@@ -2,7 +2,8 @@
 
 A Gym task has ``responses_create_params`` (``input``: a string or messages; ``tools``; sampling
 keys), an optional ``agent_ref`` and verifier fields at the top level (``expected_answer``, ...).
-The prompt becomes chat messages (``developer`` -> ``system``, ``input_text`` parts joined); the
+A string ``input`` is the prompt as it is (a base model's text prompt); a message list becomes chat
+messages (``developer`` -> ``system``, ``input_text`` parts joined) for the chat template. The
 whole task is kept as JSON in ``nemo_gym_task`` (for ``/verify`` and ``/run``) and its agent in
 ``nemo_gym_agent`` ("" = the ``[nemo_gym] agent``).
 """
@@ -50,13 +51,13 @@ def _text(content, where: str) -> str:
     raise ValueError(f"{where}: content must be a string or a list of input_text parts")
 
 
-def prompt_messages(params: dict) -> list[dict]:
-    """The chat messages of ``responses_create_params.input``."""
+def prompt_of(params: dict) -> str | list[dict]:
+    """The prompt of ``responses_create_params.input``: its text, or its chat messages."""
     given = params.get("input")
-    if isinstance(given, str):
-        return [{"role": "user", "content": given}]
+    if isinstance(given, str) and given.strip():
+        return given
     if not isinstance(given, list) or not given:
-        raise ValueError("responses_create_params.input must be a string or a non-empty list of messages")
+        raise ValueError("responses_create_params.input must be a non-empty string or list of messages")
     messages = []
     for i, item in enumerate(given):
         where = f"responses_create_params.input[{i}]"
@@ -89,7 +90,7 @@ class NemoGymTasks(RowFormat):
         if not isinstance(agent, dict) or not isinstance(agent.get("name", ""), str):
             raise ValueError('agent_ref must be {"type": "responses_api_agents", "name": AGENT}')
         return {
-            "prompt": prompt_messages(params),
+            "prompt": prompt_of(params),
             "nemo_gym_task": json.dumps(task, ensure_ascii=False, sort_keys=True),
             "nemo_gym_agent": agent.get("name", ""),
         }

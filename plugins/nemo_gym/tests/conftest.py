@@ -148,14 +148,16 @@ class GymDeployment:
         self.servers = discover(url)
 
 
-def start_gym(tmp: Path, python: Path, policy_url: str = "http://127.0.0.1:9/v1", extra=()) -> GymDeployment:
+def start_gym(
+    tmp: Path, python: Path, configs=CONFIGS, policy_url="http://127.0.0.1:9/v1", head_port=None, extra=()
+) -> GymDeployment:
     from ftcore_nemo_gym.config import NemoGymSection
     from ftcore_nemo_gym.launcher import GymLauncher
 
     venvs = linked_venvs(tmp / "venvs", python)
     section = NemoGymSection(
-        auto_start=True, gym_dir=str(gym_root(python)), python=str(python), config_paths=list(CONFIGS),
-        head_port=free_port(), start_timeout=300,
+        auto_start=True, gym_dir=str(gym_root(python)), python=str(python), config_paths=list(configs),
+        head_port=head_port or free_port(), start_timeout=300,
         overrides=[f"+uv_venv_dir={venvs}", f"+policy_base_url={policy_url}", "+policy_api_key=none",
                    "+policy_model_name=ftcore-policy", "+model_endpoint_readiness_timeout_seconds=0", *extra],
     )  # fmt: skip
@@ -168,6 +170,20 @@ def gym(tmp_path_factory, gym_python):
     deployment = start_gym(tmp_path_factory.mktemp("gym"), gym_python)
     yield deployment
     deployment.launcher.stop()
+
+
+@pytest.fixture
+def start_deployment(gym_python):
+    """Start another deployment for one test (``start(folder, configs)``); stopped after the test."""
+    started = []
+
+    def start(folder: Path, configs=CONFIGS, **kwargs) -> GymDeployment:
+        started.append(start_gym(folder, gym_python, configs, **kwargs))
+        return started[-1]
+
+    yield start
+    for deployment in started:
+        deployment.launcher.stop()
 
 
 @pytest.fixture(scope="session")
