@@ -106,6 +106,13 @@ def check(config) -> None:
             file=config.source,
             key="grpo.rewards",
         )
+    if gym.multi_turn:
+        raise ConfigError(
+            "multi-turn episodes (the agent's /run) are not implemented yet: set multi_turn = false "
+            "(grpo generates, /verify scores)",
+            file=config.source,
+            key="nemo_gym.multi_turn",
+        )
     if gym.multi_turn and config.grpo.generation != "vllm":
         raise ConfigError(
             'multi_turn episodes sample from vLLM through Gym\'s model server: set generation = "vllm" '

@@ -5,7 +5,7 @@ keys), an optional ``agent_ref`` and verifier fields at the top level (``expecte
 A string ``input`` is the prompt as it is (a base model's text prompt); a message list becomes chat
 messages (``developer`` -> ``system``, ``input_text`` parts joined) for the chat template. The
 whole task is kept as JSON in ``nemo_gym_task`` (for ``/verify`` and ``/run``) and its agent in
-``nemo_gym_agent`` ("" = the ``[nemo_gym] agent``).
+``nemo_gym_agent`` (``agent_ref.name``, else ``options.agent``; "" = the ``[nemo_gym] agent``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 class NemoGymOptions(FormatOptions):
+    agent: str | None = Field(
+        None,
+        description="The Gym agent of this dataset's rows without agent_ref (default: [nemo_gym] agent).",
+    )
     columns: list[str] = Field(
         default_factory=list,
         description="More top-level task fields the environment's /verify reads (beside the common ones: "
@@ -92,5 +96,5 @@ class NemoGymTasks(RowFormat):
         return {
             "prompt": prompt_of(params),
             "nemo_gym_task": json.dumps(task, ensure_ascii=False, sort_keys=True),
-            "nemo_gym_agent": agent.get("name", ""),
+            "nemo_gym_agent": agent.get("name") or self.options.agent or "",
         }

@@ -110,9 +110,7 @@ def kill_server(head_url: str, name: str) -> None:
         os.kill(process, signal.SIGKILL)
 
 
-def test_a_server_killed_mid_run_stops_the_run_after_a_checkpoint_and_it_resumes(
-    tmp_path, gym, start_deployment
-):
+def test_a_server_killed_mid_run_stops_the_run_after_a_checkpoint_and_it_resumes(tmp_path, start_deployment):
     string_match_only = (
         "resources_servers/string_match/configs/string_match.yaml",
         "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
