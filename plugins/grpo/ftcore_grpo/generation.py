@@ -65,6 +65,9 @@ class Completion:
     logprobs: list[float] | None
     finish_reason: Literal["stop", "length"]
     policy_version: int
+    mask: list[int] | None = None
+    """Per token id, 1 = trained, 0 = context (e.g. a tool's output inside a multi-turn episode);
+    None = every token is trained. Set by rollout producers, not by the generation backends."""
 
 
 class Generator(Protocol):

@@ -158,6 +158,13 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         truncated = torch.tensor([c.finish_reason == "length" for c in rollout.completions], device=device)
         if self.grpo.mask_truncated_completions:
             output["completion_mask"] = output["completion_mask"] * (~truncated).unsqueeze(1).int()
+        masked = any(c.mask is not None for c in rollout.completions)  # context tokens inside completions
+        if masked:
+            width = output["completion_mask"].shape[1]
+            masks = [(c.mask if c.mask is not None else [1] * len(c.token_ids)) for c in rollout.completions]
+            padded = torch.tensor([m[:width] + [0] * (width - len(m[:width])) for m in masks], device=device)
+            output["completion_mask"] = output["completion_mask"] * padded.int()
+        if self.grpo.mask_truncated_completions or masked:
             output["num_items_in_batch"] = self.accelerator.gather(output["completion_mask"].sum()).sum()
         metrics = self._metrics[mode]
         for key in TRL_TRUNCATION_METRICS:
