@@ -60,6 +60,11 @@ class NemoGymSection(Section):
         description="Play whole episodes through the agent's /run (else: grpo generates, /verify scores).",
     )
     max_turns: int = Field(10, ge=1, description="Model calls per episode at most (multi_turn).")
+    policy_name: str = Field(
+        "ftcore-policy",
+        description="multi_turn with an [adapter]: the name the current LoRA adapter is served under in vLLM; "
+        "set Gym's vllm_model model (policy_model_name) to it.",
+    )
     agent: str | None = Field(
         None, description="The agent of rows without agent_ref (default: the deployment's only agent)."
     )
@@ -105,13 +110,6 @@ def check(config) -> None:
             f'the rewards come from Gym: set rewards = ["nemo_gym"] (got {list(config.grpo.rewards)})',
             file=config.source,
             key="grpo.rewards",
-        )
-    if gym.multi_turn:
-        raise ConfigError(
-            "multi-turn episodes (the agent's /run) are not implemented yet: set multi_turn = false "
-            "(grpo generates, /verify scores)",
-            file=config.source,
-            key="nemo_gym.multi_turn",
         )
     if gym.multi_turn and config.grpo.generation != "vllm":
         raise ConfigError(

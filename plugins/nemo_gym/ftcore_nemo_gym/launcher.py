@@ -61,8 +61,9 @@ class GymLauncher:
                     time.sleep(1)
             wait_until_up(servers, deadline, alive=self.alive)
         except ServerDown as exc:
+            message = self.failure(str(exc))
             self.stop()
-            raise ServerDown(self.failure(str(exc))) from None
+            raise ServerDown(message) from None
         return self.url
 
     def alive(self) -> bool:
@@ -80,7 +81,7 @@ class GymLauncher:
             if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGINT)
                 try:
-                    self.process.wait(timeout=30)
+                    self.process.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     pass
             os.killpg(self.process.pid, signal.SIGKILL)  # what is left of its group

@@ -70,7 +70,7 @@ def grpo_rollout_producer(run, generator, scorer, sampling):
     import os
 
     from ftcore_nemo_gym.launcher import GymLauncher
-    from ftcore_nemo_gym.producer import Deployment, VerifyProducer
+    from ftcore_nemo_gym.producer import Deployment, EpisodeProducer, VerifyProducer
 
     launcher = None
     url = gym.url
@@ -85,7 +85,7 @@ def grpo_rollout_producer(run, generator, scorer, sampling):
             launcher.stop()
         raise
     rank = int(os.environ.get("RANK", "0"))
-    producer = VerifyProducer(
+    producer = (EpisodeProducer if gym.multi_turn else VerifyProducer)(
         generator, scorer, sampling, seed=run.config.train.seed, rank=rank, deployment=deployment, run=run
     )
     producer.launcher = launcher

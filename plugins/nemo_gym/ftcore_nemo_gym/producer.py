@@ -180,3 +180,105 @@ class VerifyProducer(GymProducer):
             error = f"Gym server {server.name} ({server.url}/verify) sent no usable reward ({detail or 'no reward'})"
             return Outcome(agent.name, server.name, error=error)
         return Outcome(agent.name, server.name, reward=reward)
+
+
+def transcript_tokens(output: list, max_turns: int) -> tuple[list[int], list[int], list[int], list[float]]:
+    """(prompt ids, completion ids, mask, logprobs) of an episode from the token ids Gym's
+    ``vllm_model`` attaches to the last output item of each model call: the first call's prompt is
+    the prompt; a later call's prompt beyond the sequence so far (tool outputs, the chat template's
+    turn markers) is context (mask 0, logprob 0); each call's generation is trained (mask 1). The
+    first ``max_turns`` calls are kept."""
+    calls = [item for item in output if isinstance(item, dict) and "generation_token_ids" in item]
+    if not calls:
+        raise GymError(
+            "the episode has no token ids: set return_token_id_information: true in Gym's vllm_model"
+        )
+    prompt = list(calls[0]["prompt_token_ids"])
+    sequence, ids, mask, logprobs = list(prompt), [], [], []
+    for call in calls[:max_turns]:
+        given = list(call["prompt_token_ids"])
+        if given[: len(sequence)] != sequence:
+            raise GymError(
+                "a model call's prompt does not extend the episode so far (a non-prefix tokenization)"
+            )
+        context, generated = given[len(sequence) :], list(call["generation_token_ids"])
+        ids += context + generated
+        mask += [0] * len(context) + [1] * len(generated)
+        logprobs += [0.0] * len(context) + [float(lp) for lp in call["generation_log_probs"]]
+        sequence = given + generated
+    return prompt, ids, mask, logprobs
+
+
+def final_text(output: list) -> str:
+    """The text of the episode's assistant messages."""
+    return "".join(
+        part.get("text", "")
+        for item in output
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("role") == "assistant"
+        for part in (item.get("content") or [])
+        if isinstance(part, dict)
+    )
+
+
+class EpisodeProducer(GymProducer):
+    """Multi-turn: each sample is one episode of the row's agent (``POST /run``); the policy answers
+    through Gym's ``vllm_model`` from the vLLM server grpo syncs, under the name ``policy_name``."""
+
+    def produce(self, rows, index) -> Rollout:
+        from ftcore_grpo.generation import Completion
+
+        self.sync_policy_name()
+        started = time.perf_counter()
+        episodes = list(self.pool.map(self.episode, rows))
+        seconds = time.perf_counter() - started
+        self.record([outcome for outcome, _ in episodes], index, "nemo_gym/run_errors")
+        eos = self.generator.tokenizer.eos_token_id
+        completions, new_rows = [], []
+        for row, (_, tokens) in zip(rows, episodes, strict=True):
+            if tokens is None:  # a failed episode: one untrained EOS token after the row's own prompt
+                tokens = (row["prompt_ids"], [eos], [0], [0.0], "")
+            prompt, ids, mask, logprobs, text = tokens
+            new_rows.append({**row, "prompt_ids": prompt})
+            completions.append(Completion(ids, text, logprobs, "stop", self.generator.version, mask=mask))
+        return Rollout(
+            index=index, rows=new_rows, completions=completions, rewards=[[o.reward] for o, _ in episodes],
+            failures={"nemo_gym": sum(o.error is not None for o, _ in episodes)}, groups=prompt_groups(new_rows),
+            generation_seconds=seconds, scoring_seconds=0.0,
+        )  # fmt: skip
+
+    def sync_policy_name(self) -> None:
+        """Serve the generator's latest LoRA adapter under ``policy_name`` too (what Gym's vllm_model asks for)."""
+        generator = self.generator
+        if getattr(generator, "lora", False) and generator.version != getattr(self, "named_version", None):
+            path = generator.sync_dir / f"v{generator.version:08d}"
+            generator.client.load_lora_adapter(self.section.policy_name, path)
+            self.named_version = generator.version
+
+    def episode(self, row):
+        task = json.loads(row["nemo_gym_task"])
+        agent = self.deployment.agent(row["nemo_gym_agent"])
+        params = {
+            **task["responses_create_params"],
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "max_output_tokens": self.sampling.max_tokens,
+        }
+        try:
+            reply = Session(self.section.retries).post(
+                agent, "/run", {**task, "responses_create_params": params}, self.section.run_timeout
+            )
+            output = reply["response"]["output"] if isinstance(reply, dict) else None
+            if not isinstance(output, list):
+                raise GymError(f"Gym agent {agent.name} ({agent.url}/run) sent no response.output")
+            prompt, ids, mask, logprobs = transcript_tokens(output, self.section.max_turns)
+        except GymError as exc:
+            return Outcome(agent.name, agent.name, error=str(exc), down=isinstance(exc, ServerDown)), None
+        reward = reward_of(reply)
+        turns = sum(1 for item in output if isinstance(item, dict) and "generation_token_ids" in item)
+        calls = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "function_call")
+        error = (
+            None if reward is not None else f"Gym agent {agent.name} ({agent.url}/run) sent no usable reward"
+        )
+        outcome = Outcome(agent.name, agent.name, reward=reward, error=error, turns=min(turns, self.section.max_turns),
+                          tool_calls=calls)  # fmt: skip
+        return outcome, (prompt, ids, mask, logprobs, final_text(output))

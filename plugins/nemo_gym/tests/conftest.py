@@ -16,13 +16,16 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -48,7 +51,8 @@ CONFIGS = (
     "resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml",
     "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
 )
-DATA = Path(__file__).resolve().parents[3] / "core" / "ftcore" / "testdata" / "data" / "nemo_gym"
+REPO = Path(__file__).resolve().parents[3]
+DATA = REPO / "core" / "ftcore" / "testdata" / "data" / "nemo_gym"
 
 
 def _pip(python: Path, args: list[str], log, deadline: float) -> None:
@@ -149,7 +153,13 @@ class GymDeployment:
 
 
 def start_gym(
-    tmp: Path, python: Path, configs=CONFIGS, policy_url="http://127.0.0.1:9/v1", head_port=None, extra=()
+    tmp: Path,
+    python: Path,
+    configs=CONFIGS,
+    policy_url="http://127.0.0.1:9/v1",
+    model="ftcore-policy",
+    head_port=None,
+    extra=(),
 ) -> GymDeployment:
     from ftcore_nemo_gym.config import NemoGymSection
     from ftcore_nemo_gym.launcher import GymLauncher
@@ -159,7 +169,7 @@ def start_gym(
         auto_start=True, gym_dir=str(gym_root(python)), python=str(python), config_paths=list(configs),
         head_port=head_port or free_port(), start_timeout=300,
         overrides=[f"+uv_venv_dir={venvs}", f"+policy_base_url={policy_url}", "+policy_api_key=none",
-                   "+policy_model_name=ftcore-policy", "+model_endpoint_readiness_timeout_seconds=0", *extra],
+                   f"+policy_model_name={model}", "+model_endpoint_readiness_timeout_seconds=0", *extra],
     )  # fmt: skip
     launcher = GymLauncher(section, tmp / "ng_run.log")
     return GymDeployment(launcher, launcher.start())
@@ -189,3 +199,101 @@ def start_deployment(gym_python):
 @pytest.fixture(scope="session")
 def gym_data() -> Path:
     return DATA
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-turn: a real vLLM server (grpo's CPU test environment) that Gym's vllm_model proxies to
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% if m['tool_calls'] %}{% for t in m['tool_calls'] %}<tool_call>{{ t['function'] | tojson }}</tool_call>"
+    "{% endfor %}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_chat_llama(path: Path) -> Path:
+    """A random-init tiny Llama (head_dim 64, as vLLM's CPU attention needs) with the stories tokenizer and a
+    chat template that renders tool calls."""
+    import torch
+    from ftcore.testing import stories_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = AutoConfig.for_model(
+        "llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def vllm_python() -> str:
+    """grpo's vLLM test environment (built by its fixture code, once, under the same lock)."""
+    if os.environ.get("FTCORE_VLLM_PYTHON"):
+        return os.environ["FTCORE_VLLM_PYTHON"]
+    spec = importlib.util.spec_from_file_location(
+        "grpo_test_envs", REPO / "plugins" / "grpo" / "tests" / "conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return str(module.build_vllm_env())
+
+
+def serve_config(model: Path) -> str:
+    return f"""plugins = ["grpo"]
+[model]
+base = "{model}"
+dtype = "float32"
+[adapter]
+r = 8
+alpha = 16
+[train]
+method = "grpo"
+output_dir = "out"
+sequence_len = 256
+micro_batch_size = 4
+[grpo]
+generation = "vllm"
+rewards = ["length_penalty"]
+num_generations = 4
+max_completion_length = 16
+[grpo.vllm]
+max_model_len = 512
+extra_args = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # the rows carry tools
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_server(tmp_path_factory):
+    """``ftcore vllm-serve`` for the chat model: (model folder, URL); stopped after the module."""
+    folder = tmp_path_factory.mktemp("policy")
+    model = save_chat_llama(folder / "model")
+    (folder / "serve.toml").write_text(serve_config(model))
+    port = free_port()
+    command = [sys.executable, "-m", "ftcore.cli", "vllm-serve", str(folder / "serve.toml"), "--python",
+               vllm_python(), "--port", str(port), "--log", str(folder / "vllm.log")]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                log = (folder / "vllm.log").read_text(errors="replace")[-3000:]
+                pytest.fail(f"vLLM did not start:\n{log}")
+            time.sleep(2)
+    yield model, url
+    os.killpg(process.pid, signal.SIGTERM)  # vllm-serve stops its server's group
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)

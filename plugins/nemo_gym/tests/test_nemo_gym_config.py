@@ -47,7 +47,7 @@ max_completion_length = 8
         ('rewards = ["nemo_gym"]', 'url = "http://x:1"\nauto_start = true', "nemo_gym.url", "not both"),
         ('rewards = ["nemo_gym"]', 'auto_start = true\npython = "gym/bin/python"', "nemo_gym.gym_dir", "gym_dir"),
         ('rewards = ["nemo_gym"]', 'auto_start = true\npython = "p"\ngym_dir = "g"', "nemo_gym.config_paths", "string_match.yaml"),
-        ('rewards = ["nemo_gym"]', 'url = "http://x:1"\nmulti_turn = true', "nemo_gym.multi_turn", "not implemented"),
+        ('rewards = ["nemo_gym"]', 'url = "http://x:1"\nmulti_turn = true', "grpo.generation", 'generation = "vllm"'),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_file_the_key_and_the_fix(tmp_path, grpo, gym, key, fix):
