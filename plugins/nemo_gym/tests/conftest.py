@@ -196,6 +196,16 @@ def start_deployment(gym_python):
         deployment.launcher.stop()
 
 
+@pytest.fixture
+def gym_setup(gym_python):
+    """``setup(folder) -> (gym_dir, uv_venv_dir, head_port)`` for a config with ``auto_start``."""
+
+    def setup(folder: Path):
+        return gym_root(gym_python), linked_venvs(folder / "venvs", gym_python), free_port()
+
+    return setup
+
+
 @pytest.fixture(scope="session")
 def gym_data() -> Path:
     return DATA
