@@ -7,6 +7,7 @@ not 200 or not JSON raises ``BadReply``. Both name the server and the URL.
 
 from __future__ import annotations
 
+import http.client
 import http.cookiejar
 import json
 import time
@@ -64,7 +65,7 @@ class Session:
             except urllib.error.HTTPError as exc:
                 detail = exc.read().decode("utf-8", "replace")[:300]
                 raise BadReply(f"Gym server {server.name} ({url}) answered {exc.code}: {detail}") from None
-            except (OSError, TimeoutError) as exc:  # refused, reset, timed out (URLError is an OSError)
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut off, timed out
                 if attempt == self.retries:
                     raise ServerDown(
                         f"Gym server {server.name} ({url}) does not answer: {getattr(exc, 'reason', exc)}"

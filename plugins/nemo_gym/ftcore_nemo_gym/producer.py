@@ -6,6 +6,10 @@ the task (its ``responses_create_params``: system message and tools kept) and th
 Responses object. A reply that is not 200 with a numeric ``reward`` (or says ``mask_sample``) gives
 ``None`` and counts in ``nemo_gym/verify_errors``. When every request of a rollout to a server got
 no answer, the server is down: the run saves a checkpoint and stops with an error naming it.
+
+``EpisodeProducer`` (multi-turn): each sample is one episode of the row's agent (``POST /run``); the
+trained sequence is rebuilt from the token ids in its transcript (``transcript_tokens``), tool
+outputs masked out; the reward is the agent's. Failures count in ``nemo_gym/run_errors``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ftcore_grpo.rollout import Rollout, RolloutProducer, prompt_groups, rollout_seed
 
@@ -74,12 +78,18 @@ def reward_of(reply) -> float | None:
     return float(value)
 
 
+@dataclass
 class Outcome:
-    """One sample's result: reward (None on error), the error, turns and tool calls."""
+    """One sample's result: its environment (agent) and server, reward (None on error), the error,
+    whether the server did not answer at all, model calls and tool calls."""
 
-    def __init__(self, env: str, server: str, reward=None, error=None, down=False, turns=1, tool_calls=0):
-        self.env, self.server, self.reward, self.error, self.down = env, server, reward, error, down
-        self.turns, self.tool_calls = turns, tool_calls
+    env: str
+    server: str
+    reward: float | None = None
+    error: str | None = None
+    down: bool = False
+    turns: int = 1
+    tool_calls: int = 0
 
 
 class GymProducer(RolloutProducer):
@@ -90,6 +100,7 @@ class GymProducer(RolloutProducer):
         self.deployment, self.run, self.section = deployment, run, deployment.section
         self.pool = ThreadPoolExecutor(self.section.max_concurrency, thread_name_prefix="nemo-gym")
         self.first_error_logged = False
+        self.named_version = None  # multi-turn: the policy version served under policy_name
         self.launcher = None  # the auto_start ng_run, stopped by close()
 
     def record(self, outcomes: list[Outcome], index: int, errors_name: str) -> None:
@@ -149,11 +160,8 @@ class VerifyProducer(GymProducer):
             nested = self.generator.generate([row["prompt_ids"] for row in rows], 1, sampling)
         completions = [c for per_prompt in nested for c in per_prompt]
         generation_seconds = time.perf_counter() - started
-        texts = iter([c.text for c in completions])
-        pairs = [(row, next(texts)) for row in rows]
         started = time.perf_counter()
-        outcomes = list(self.pool.map(lambda pair: self.verify(json.loads(pair[0]["nemo_gym_task"]),
-                                                               pair[0]["nemo_gym_agent"], pair[1]), pairs))  # fmt: skip
+        outcomes = list(self.pool.map(self.verify_row, rows, [c.text for c in completions]))
         self.record(outcomes, index, "nemo_gym/verify_errors")
         return Rollout(
             index=index, rows=rows, completions=completions, rewards=[[o.reward] for o in outcomes],
@@ -161,11 +169,14 @@ class VerifyProducer(GymProducer):
             generation_seconds=generation_seconds, scoring_seconds=time.perf_counter() - started,
         )  # fmt: skip
 
-    def verify(self, task: dict, agent_name: str, text: str, session: Session | None = None) -> Outcome:
-        """Score one completion in its own session (or ``session``): ``/seed_session``, then ``/verify``."""
+    def verify_row(self, row, text: str) -> Outcome:
+        return self.verify(json.loads(row["nemo_gym_task"]), row["nemo_gym_agent"], text)
+
+    def verify(self, task: dict, agent_name: str, text: str) -> Outcome:
+        """Score one completion in its own session: ``/seed_session``, then ``/verify``."""
         agent = self.deployment.agent(agent_name)
         server = self.deployment.resources_server(agent)
-        session = session or Session(self.section.retries)
+        session = Session(self.section.retries)
         timeout = self.section.verify_timeout
         params = task["responses_create_params"]
         try:
@@ -249,7 +260,7 @@ class EpisodeProducer(GymProducer):
     def sync_policy_name(self) -> None:
         """Serve the generator's latest LoRA adapter under ``policy_name`` too (what Gym's vllm_model asks for)."""
         generator = self.generator
-        if getattr(generator, "lora", False) and generator.version != getattr(self, "named_version", None):
+        if getattr(generator, "lora", False) and generator.version != self.named_version:
             path = generator.sync_dir / f"v{generator.version:08d}"
             generator.client.load_lora_adapter(self.section.policy_name, path)
             self.named_version = generator.version
