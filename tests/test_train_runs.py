@@ -146,7 +146,7 @@ def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path):
 def test_checkpointing_every_second_layer_trains_the_same_losses(tmp_path):
     runs = {}
     for name, model in (
-        ("plain", ""),
+        ("plain", "gradient_checkpointing = false"),
         ("every2", "gradient_checkpointing = true\ncheckpoint_every_n_layers = 2"),
     ):
         run_dir = tmp_path / name
