@@ -183,7 +183,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
     raw = {
         "plugins": ["grpo"],
         "model": {"base": str(model_dir), "init": "random",
-                  "dtype": "bfloat16" if torch.cuda.is_available() else "float32"},
+                  "dtype": "bfloat16" if torch.cuda.is_available() else "float32", "gradient_checkpointing": False},
         "datasets": [{"path": str(work / "prompts.jsonl"), "format": "prompt", "options": {"columns": ["answer"]}}],
         "data": {"shuffle": False, "cache_dir": str(work / "cache")},  # TRL's seeded sampler orders prompts
         "train": {
