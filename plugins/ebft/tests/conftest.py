@@ -7,6 +7,7 @@ import pytest
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "fox"]
 
 
+@pytest.fixture
 def story_rows() -> list[dict]:
     """{input, output} rows (the ebft_opencode format): a story opening and its reference continuation."""
     return [
@@ -15,6 +16,7 @@ def story_rows() -> list[dict]:
     ]
 
 
+@pytest.fixture
 def story_texts() -> list[dict]:
     """{text} rows (the ebft_strided format)."""
     return [
