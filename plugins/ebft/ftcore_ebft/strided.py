@@ -228,6 +228,7 @@ class StridedTrainer(Trainer):
         if self.state.global_step != self._terms_step:
             self._terms, self._terms_step, self._draws = {}, self.state.global_step, 0
         ebft = self.ftcore_run.config.ebft
+        self.state.num_input_tokens_seen += sum(len(ids) for ids in inputs["documents"])  # documents read (tok/s)
         results = [
             document_loss(model, self.network, ids, length, ebft, self._generator())
             for ids, length in zip(inputs["documents"], inputs["prompt_lengths"], strict=True)
