@@ -69,7 +69,9 @@ class EBFTSection(Section):
         0.0, ge=0, description="strided: weight of cross-entropy on the reference tokens (e.g. 0.03)."
     )
     lm_head_chunk: int = Field(
-        1024, ge=1, description="strided: positions per chunk of the output layer (logits never built at once)."
+        1024,
+        ge=1,
+        description="strided: positions per chunk of the output layer (logits never built at once).",
     )
 
     @field_validator("feature_layers")
@@ -89,10 +91,13 @@ def check(config) -> None:
     ebft, train = config.ebft, config.train
     if train.packing:
         raise ConfigError(
-            "ebft trains on generated completions and cannot pack rows: set packing = false", key="train.packing"
+            "ebft trains on generated completions and cannot pack rows: set packing = false",
+            key="train.packing",
         )
     if not ebft.alignment_coef and not ebft.diversity_coef:
-        raise ConfigError("alignment_coef and diversity_coef are both 0: the reward is 0", key="ebft.alignment_coef")
+        raise ConfigError(
+            "alignment_coef and diversity_coef are both 0: the reward is 0", key="ebft.alignment_coef"
+        )
     if ebft.mode == "structured":
         check_structured(config)
     else:

@@ -74,7 +74,9 @@ class FeatureNetwork:
             self.model = copy.deepcopy(policy).requires_grad_(False).eval()
             if device:
                 self.model.to(device)
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+        config = (
+            self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else None
+        )
         self.indices = layer_indices((config or self.model.config).num_hidden_layers, fractions)
 
     @property
@@ -92,12 +94,16 @@ class FeatureNetwork:
         self.model.eval()
         try:
             with self.model.disable_adapter() if self.shared else contextlib.nullcontext():
-                out = self.model(input_ids=input_ids.to(device), output_hidden_states=True, use_cache=False, **kwargs)
+                out = self.model(
+                    input_ids=input_ids.to(device), output_hidden_states=True, use_cache=False, **kwargs
+                )
         finally:
             self.model.train(training)
         return select(out.hidden_states, self.indices)
 
-    def features(self, sequences: list[list[int]], starts: list[int], method: str, pad_id: int) -> torch.Tensor:
+    def features(
+        self, sequences: list[list[int]], starts: list[int], method: str, pad_id: int
+    ) -> torch.Tensor:
         """Pooled features of token sequences (right-padded into one batch); ``starts``: completion starts."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

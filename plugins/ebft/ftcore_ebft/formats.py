@@ -26,7 +26,9 @@ def _content_text(message: dict) -> str:
 
 
 class PromptOptions(FormatOptions):
-    chat: bool = Field(False, description="Wrap the prompt as a user message (rendered with the chat template).")
+    chat: bool = Field(
+        False, description="Wrap the prompt as a user message (rendered with the chat template)."
+    )
 
 
 class OpenCode(RowFormat):
@@ -94,7 +96,10 @@ class Reasoning(RowFormat):
             raise ValueError(f"response must hold one {o.think_open}...{o.think_close} trace")
         if response.index(o.think_open) > response.index(o.think_close):
             raise ValueError(f"{o.think_close} comes before {o.think_open}")
-        return {"prompt": [{"role": "user", "content": prompt}] if o.chat else prompt, "ground_truth": response}
+        return {
+            "prompt": [{"role": "user", "content": prompt}] if o.chat else prompt,
+            "ground_truth": response,
+        }
 
 
 class Strided(RowFormat):

@@ -123,7 +123,10 @@ def generate_blocks(model, ids: torch.Tensor, layout: Layout, mask, ebft, genera
     starts = layout.length + torch.arange(layout.blocks, device=ids.device) * layout.block
     for t in range(layout.block):
         out = model(
-            input_ids=sequence[None], position_ids=positions[None], attention_mask=mask, logits_to_keep=where[:, t]
+            input_ids=sequence[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            logits_to_keep=where[:, t],
         )
         sequence[starts + t] = sample(out.logits[0], ebft.temperature, ebft.top_p, generator)
     return sequence
@@ -228,7 +231,8 @@ class StridedTrainer(Trainer):
         if self.state.global_step != self._terms_step:
             self._terms, self._terms_step, self._draws = {}, self.state.global_step, 0
         ebft = self.ftcore_run.config.ebft
-        self.state.num_input_tokens_seen += sum(len(ids) for ids in inputs["documents"])  # documents read (tok/s)
+        # document tokens read, for the progress line's tok/s
+        self.state.num_input_tokens_seen += sum(len(ids) for ids in inputs["documents"])
         results = [
             document_loss(model, self.network, ids, length, ebft, self._generator())
             for ids, length in zip(inputs["documents"], inputs["prompt_lengths"], strict=True)

@@ -39,7 +39,9 @@ class FeatureReward:
         sequences.append(prompt + self.reference_ids(ground_truth[0]))
         sequences = [seq[: self.max_len] for seq in sequences]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        features = self.network.features(sequences, [len(prompt)] * len(sequences), self.ebft.embed_method, pad)
+        features = self.network.features(
+            sequences, [len(prompt)] * len(sequences), self.ebft.embed_method, pad
+        )
         terms = group_rewards(
             features[:-1],
             features[-1],
@@ -48,7 +50,12 @@ class FeatureReward:
             use_whitening=self.ebft.use_whitening,
         )
         self.terms.append(
-            (terms.alignment.mean().item(), terms.diversity.mean().item(), terms.cfm_loss, terms.rewards.mean().item())
+            (
+                terms.alignment.mean().item(),
+                terms.diversity.mean().item(),
+                terms.cfm_loss,
+                terms.rewards.mean().item(),
+            )
         )
         return terms.rewards.tolist()
 
@@ -98,5 +105,3 @@ class StructuredEBFT(GRPOMethod):
         return EBFTProducer(
             generator, scorer, sampling, seed=run.config.train.seed, rank=rank, run=run, reward=self.reward
         )
-
-

@@ -11,7 +11,10 @@ ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "fox"]
 def story_rows() -> list[dict]:
     """{input, output} rows (the ebft_opencode format): a story opening and its reference continuation."""
     return [
-        {"input": f"Once upon a time, there was a little {a}.", "output": f" The {a} liked to play in the park."}
+        {
+            "input": f"Once upon a time, there was a little {a}.",
+            "output": f" The {a} liked to play in the park.",
+        }
         for a in ANIMALS
     ]
 

@@ -12,7 +12,9 @@ def raw(mode="strided", plugins=("ebft",), **ebft):
     return {
         "plugins": list(plugins),
         "model": {"base": "some/model"},
-        "datasets": [{"path": "rows.jsonl", "format": "ebft_strided" if mode == "strided" else "ebft_opencode"}],
+        "datasets": [
+            {"path": "rows.jsonl", "format": "ebft_strided" if mode == "strided" else "ebft_opencode"}
+        ],
         "train": {"method": "ebft", "output_dir": "out", "sequence_len": 64},
         "ebft": {"mode": mode, **ebft},
     }
@@ -29,7 +31,12 @@ def test_defaults_follow_the_paper_settings():
     ebft = config.ebft
     assert ebft.feature_layers == [0.25, 0.5, 0.75] and ebft.embed_method == "last_token"
     assert (ebft.alignment_coef, ebft.diversity_coef, ebft.ce_coef, ebft.rl_coef) == (1.0, 1.0, 0.0, 1.0)
-    assert (ebft.stride, ebft.context_length, ebft.generate_max_len, ebft.n_samples_per_prompt) == (8, 8, 8, 4)
+    assert (ebft.stride, ebft.context_length, ebft.generate_max_len, ebft.n_samples_per_prompt) == (
+        8,
+        8,
+        8,
+        4,
+    )
     assert (ebft.temperature, ebft.advantage_estimator, ebft.gt_length_multiplier) == (0.6, "rloo", 1.5)
     assert validate_config(structured())[0].ebft.mode == "structured"
 

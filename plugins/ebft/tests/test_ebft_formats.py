@@ -58,7 +58,10 @@ def test_reasoning_keeps_one_think_trace_in_the_ground_truth():
 def test_strided_takes_text_input_output_or_messages():
     assert Strided().convert({"text": "Once."}) == {"prompt": "", "completion": "Once."}
     assert Strided().convert({"input": "Q", "output": "A"}) == {"prompt": "Q", "completion": "A"}
-    assert Strided().convert({"messages": THREAD[1:3]}) == {"prompt": "user: Hi\nassistant:", "completion": " Hello!"}
+    assert Strided().convert({"messages": THREAD[1:3]}) == {
+        "prompt": "user: Hi\nassistant:",
+        "completion": " Hello!",
+    }
     with pytest.raises(ValueError, match="end with an assistant turn"):
         Strided().convert({"messages": THREAD[:2]})
     with pytest.raises(ValueError, match="needs text, messages, or input and output"):
@@ -95,13 +98,17 @@ def test_gsm8k_rows_map_to_opencode_and_strided(tmp_path):
     fields = {"input": "question", "output": "answer"}
     rows = load(tmp_path, {"path": path, "format": "ebft_opencode", "fields": fields, "split": "train[:5]"})
     assert rows[0]["prompt"].startswith("Natalia sold clips") and "#### 72" in rows[0]["ground_truth"]
-    docs = load(tmp_path, {"path": path, "format": "ebft_strided", "fields": fields, "split": "train[:5]"}, "strided")
+    docs = load(
+        tmp_path, {"path": path, "format": "ebft_strided", "fields": fields, "split": "train[:5]"}, "strided"
+    )
     assert docs[0]["prompt"].startswith("Natalia") and docs[0]["completion"].endswith("72")
 
 
 def test_a_bad_row_is_an_error_naming_the_file_and_row(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"input": "a", "output": "b"}) + "\n" + json.dumps({"input": "a", "output": 3}) + "\n")
+    path.write_text(
+        json.dumps({"input": "a", "output": "b"}) + "\n" + json.dumps({"input": "a", "output": 3}) + "\n"
+    )
     with pytest.raises(DataError) as info:
         load(tmp_path, {"path": str(path), "format": "ebft_opencode"})
     assert "bad.jsonl" in str(info.value) and "row 2" in str(info.value) and "output" in str(info.value)

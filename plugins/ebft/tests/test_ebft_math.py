@@ -31,11 +31,15 @@ def test_whitening_rescales_the_generated_directions_and_applies_to_the_referenc
     assert generated.flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0], abs=1e-6)  # W = diag(1/2, 1)
     assert reference.tolist() == pytest.approx([1.0, 2.0], abs=1e-6)
     # rank 1: W = e1 e1^T / sqrt(5); the reference keeps only its e1 part
-    generated, reference = whiten(torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([1.0, 1.0, 1.0]))
+    generated, reference = whiten(
+        torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([1.0, 1.0, 1.0])
+    )
     s = math.sqrt(5)
     assert generated.flatten().tolist() == pytest.approx([1 / s, 0, 0, 2 / s, 0, 0], abs=1e-6)
     assert reference.tolist() == pytest.approx([1 / s, 0, 0], abs=1e-6)
-    whitened = group_rewards(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([2.0, 2.0]), 1.0, 1.0, use_whitening=True)
+    whitened = group_rewards(
+        torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([2.0, 2.0]), 1.0, 1.0, use_whitening=True
+    )
     assert whitened.alignment.tolist() == pytest.approx([1 / math.sqrt(5), 2 / math.sqrt(5)], abs=1e-6)
     assert whitened.diversity.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
 
@@ -60,7 +64,9 @@ def test_advantage_estimators():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
     assert advantages(rewards, "rloo")[0].tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0])
     std = math.sqrt(14 / 3)
-    assert advantages(rewards, "group_norm")[0].tolist() == pytest.approx([-2 / std, -1 / std, 0.0, 3 / std], rel=1e-5)
+    assert advantages(rewards, "group_norm")[0].tolist() == pytest.approx(
+        [-2 / std, -1 / std, 0.0, 3 / std], rel=1e-5
+    )
     assert advantages(rewards, "reinforce").tolist() == [[1.0, 2.0, 3.0, 6.0]]
     assert advantages(torch.tensor([[5.0]]), "rloo").tolist() == [[5.0]]  # n = 1: reinforce
     assert advantages(torch.tensor([[5.0]]), "group_norm").tolist() == [[5.0]]

@@ -71,7 +71,9 @@ def stories(ftcore_stories_model):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_one_strided_forward_equals_each_block_alone(stories, attention):
     path, ids = stories
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attention
+    ).eval()
     points, n, G = [5, 11, 17], 2, 4
     layout = Layout(len(ids), points, n, G, context=len(ids))  # the whole prefix as context
     mask = layout.dense_mask()
@@ -97,11 +99,13 @@ def test_block_parallel_greedy_generation_equals_generating_each_block_alone(sto
     points, G, C = [6, 12], 5, 4
     layout = Layout(len(ids), points, 1, G, context=C)
     greedy = Strided(generate_max_len=G, temperature=1e-6)
-    sequence = generate_blocks(model, ids, layout, layout.dense_mask(), greedy, torch.Generator().manual_seed(0))
+    sequence = generate_blocks(
+        model, ids, layout, layout.dense_mask(), greedy, torch.Generator().manual_seed(0)
+    )
     for b, a in enumerate(points):
         # alone: the anchor's window of C original tokens (states computed over the whole prefix), then the block
         tokens = ids[:a].tolist()
-        for t in range(G):
+        for _ in range(G):
             T = len(tokens)
             allowed = torch.ones(T, T).tril().bool()
             allowed[a:, : a - C] = False  # generated tokens see only the window of original tokens
@@ -148,7 +152,9 @@ def test_a_strided_run_raises_alignment_and_resumes_identically(run_ftcore, stor
 
 @pytest.mark.slow
 def test_strided_with_ce_and_lora_logs_both_losses(run_ftcore, stories_file, story_texts):
-    config = strided_config(stories_file(story_texts), ce_coef=0.1, n_samples_per_prompt=1, use_whitening=False)
+    config = strided_config(
+        stories_file(story_texts), ce_coef=0.1, n_samples_per_prompt=1, use_whitening=False
+    )
     config["adapter"] = {"kind": "lora", "r": 8}
     run = run_ftcore(config, steps=2)
     row = next(r for r in run.metrics if r.get("step") == 2 and "ebft/ce_loss" in r)
