@@ -184,10 +184,16 @@ def document_loss(model, network: FeatureNetwork, ids: torch.Tensor, prompt_leng
     rewards = torch.stack([g.rewards for g in groups])
     advantage = advantages(rewards, ebft.advantage_estimator).reshape(-1)
 
-    hidden = model.get_decoder()(
-        input_ids=sequence[None], position_ids=positions[None], attention_mask=mask, use_cache=False
-    ).last_hidden_state[0]
-    head = model.get_output_embeddings()
+    # the final states (after the last norm) through the model's own forward (DDP-safe); logits for one position
+    hidden = model(
+        input_ids=sequence[None],
+        position_ids=positions[None],
+        attention_mask=mask,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    ).hidden_states[-1][0]
+    head = getattr(model, "module", model).get_output_embeddings()  # through a DDP wrapper too
     where = layout.logit_positions().to(ids.device).reshape(-1)
     block_tokens = sequence[S:]
     logp = token_logprobs(hidden[where], head, block_tokens, ebft.lm_head_chunk, ebft.temperature)

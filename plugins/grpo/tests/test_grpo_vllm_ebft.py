@@ -19,7 +19,7 @@ WORDS = ["cats", "dogs", "birds", "fish", "frogs", "ducks", "bears", "foxes"]
 
 def ebft_config(tmp_path, base, url) -> dict:
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"input": f"Tell me about {w}.", "output": f" {w} {w} {w}."}) + "\n"
+    rows.write_text("".join(json.dumps({"input": f"Tell me about {w}.", "output": " yes yes yes."}) + "\n"
                             for w in WORDS))  # fmt: skip
     return {
         "plugins": ["grpo", "ebft"],
@@ -27,11 +27,11 @@ def ebft_config(tmp_path, base, url) -> dict:
         "adapter": {"r": 8, "alpha": 16},
         "datasets": [{"path": str(rows), "format": "ebft_opencode"}],
         "train": {"method": "ebft", "sequence_len": 96, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-                  "learning_rate": 1e-2, "scheduler": "constant", "seed": 0, "save_steps": 4},
+                  "learning_rate": 3e-2, "scheduler": "constant", "seed": 0, "save_steps": 4},
         "grpo": {"generation": "vllm", "num_generations": 4, "max_completion_length": 16, "temperature": 1.0,
                  "sync_interval": 1, "log_completions_steps": 1, "log_completions_count": 4,
                  "vllm": {"url": url, "max_model_len": 256}},
-        "ebft": {"embed_method": "last_token", "diversity_coef": 0.0},
+        "ebft": {"embed_method": "completion_mean", "diversity_coef": 0.0},
     }  # fmt: skip
 
 
@@ -49,6 +49,7 @@ def test_ebft_structured_lora_through_vllm_raises_alignment_and_resumes(
     assert [versions[step] for step in sorted(versions)] == [{s} for s in range(12)]  # LoRA synced every step
     first = sum(rows[s]["ebft/alignment"] for s in (1, 2, 3, 4)) / 4
     last = sum(rows[s]["ebft/alignment"] for s in (9, 10, 11, 12)) / 4
+    print(f"ebft through vLLM: mean alignment {first:.3f} (steps 1-4) -> {last:.3f} (steps 9-12)")
     assert last > first + 0.02, (first, last)
 
     for later in sorted((run.output_dir / "checkpoints").glob("step-*"))[1:]:
