@@ -156,6 +156,12 @@ def check_strided(config) -> None:
             f"train.sequence_len ({train.sequence_len}): no anchor fits; lower anchor_offset",
             key="ebft.anchor_offset",
         )
+    if config.model.compile:
+        raise ConfigError(
+            "strided mode builds a sequence of another length (and mask) for every document, which torch.compile "
+            "would recompile for: set compile = false",
+            key="model.compile",
+        )
     if config.model.attention in ("flash_attention_2", "varlen"):
         raise ConfigError(
             f"strided mode needs an attention that takes a block mask (flex_attention on a GPU, sdpa or eager), "

@@ -100,6 +100,7 @@ def structured(**tables):
         ({"grpo": {"max_completion_length": 64}}, "grpo.max_completion_length", "no room"),
         ({"train": {"packing": True}}, "train.packing", "packing = false"),
         ({"model": {"attention": "varlen"}, "ebft": {"mode": "strided"}}, "model.attention", "block mask"),
+        ({"model": {"compile": True}, "ebft": {"mode": "strided"}}, "model.compile", "compile = false"),
     ],
 )
 def test_structured_mode_checks_its_grpo_settings(tables, key, words):
