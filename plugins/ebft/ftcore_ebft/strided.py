@@ -10,15 +10,19 @@ the model runs flex attention (a GPU), else the equivalent dense 4-D mask.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
+from ftcore.errors import DataError
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from ftcore_ebft.features import FeatureNetwork, pool
 from ftcore_ebft.reward import advantages, group_rewards
+
+log = logging.getLogger("ftcore.data")
 
 
 def anchors(length: int, prompt_length: int, ebft) -> list[int]:
@@ -154,10 +158,8 @@ class DocumentResult:
 
 
 def document_loss(model, network: FeatureNetwork, ids: torch.Tensor, prompt_length: int, ebft, generator):
-    """Generate, score and compute ``rl_coef x RL + ce_coef x CE`` for one document (or None without an anchor)."""
+    """Generate, score and compute ``rl_coef x RL + ce_coef x CE`` for one document (which has an anchor)."""
     points = anchors(len(ids), prompt_length, ebft)
-    if not points:
-        return None
     layout = Layout(len(ids), points, ebft.n_samples_per_prompt, ebft.generate_max_len, ebft.context_length)
     mask = attention_mask(model, layout, ids.device)
     sequence = generate_blocks(model, ids, layout, mask, ebft, generator)
@@ -243,9 +245,6 @@ class StridedTrainer(Trainer):
             document_loss(model, self.network, ids, length, ebft, self._generator())
             for ids, length in zip(inputs["documents"], inputs["prompt_lengths"], strict=True)
         ]
-        results = [r for r in results if r is not None]
-        if not results:  # no document of this micro-batch has an anchor: a zero loss that keeps the graph
-            return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
         for result in results:
             for name, value in result.terms.items():
                 self._terms.setdefault(name, []).append(value)
@@ -279,7 +278,23 @@ def prepare_documents(config, plugins, tokenizer):
         return {"input_ids": ids, "prompt_length": min(prompt_length, len(ids))}
 
     rows = train.map(tokenize, remove_columns=train.column_names, desc="Tokenizing documents")
-    fingerprint = digest("ebft-strided", 1, data_fingerprint(config, specs, plugins, tokenizer))
+    keep = [
+        i for i, row in enumerate(rows) if anchors(len(row["input_ids"]), row["prompt_length"], config.ebft)
+    ]
+    if len(keep) < len(rows):
+        log.warning(
+            "ebft: %d documents dropped: too short for an anchor with its reference tokens",
+            len(rows) - len(keep),
+        )
+        rows = rows.select(keep)
+    if not len(rows):
+        raise DataError(
+            f"no document is long enough for an anchor: each needs more than prompt + min_completion_prefix + "
+            f"generate_max_len ({config.ebft.generate_max_len}) tokens; lower generate_max_len or use longer texts"
+        )
+    e = config.ebft
+    placement = (e.stride, e.anchor_offset, e.min_completion_prefix, e.generate_max_len)
+    fingerprint = digest("ebft-strided", 1, data_fingerprint(config, specs, plugins, tokenizer), placement)
     return rows, fingerprint
 
 

@@ -116,6 +116,32 @@ def test_block_parallel_greedy_generation_equals_generating_each_block_alone(sto
         assert sequence[len(ids) + b * G : len(ids) + (b + 1) * G].tolist() == tokens[a:]
 
 
+def test_documents_without_an_anchor_are_dropped_and_none_left_is_an_error(
+    stories_file, story_texts, tmp_path
+):
+    from ftcore.config import validate_config
+    from ftcore.errors import DataError
+    from ftcore.testing import stories_model
+    from ftcore_ebft.strided import prepare_documents
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+
+    def documents(rows):
+        raw = strided_config(stories_file(rows))
+        raw["model"] = {"base": str(stories_model())}
+        raw["train"].update(output_dir=str(tmp_path / "out"), sequence_len=32)
+        raw["data"] = {"cache_dir": str(tmp_path / "cache"), "shuffle": False}
+        config, plugins = validate_config(raw)
+        return prepare_documents(config, plugins, tokenizer)[0]
+
+    rows = documents([{"text": "The end."}, *story_texts])
+    assert len(rows) == len(story_texts) and all(len(ids) == 32 for ids in rows["input_ids"])
+    assert rows[0]["prompt_length"] == 0
+    with pytest.raises(DataError, match="no document is long enough for an anchor"):
+        documents([{"text": "The end."}])
+
+
 def strided_config(path, **ebft):
     return {
         "plugins": ["ebft"],
