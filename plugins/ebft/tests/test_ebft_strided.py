@@ -116,6 +116,36 @@ def test_block_parallel_greedy_generation_equals_generating_each_block_alone(sto
         assert sequence[len(ids) + b * G : len(ids) + (b + 1) * G].tolist() == tokens[a:]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="flex attention on the CPU compiles C++ (needs g++)")
+def test_the_flex_block_mask_gives_the_dense_masks_logits_and_samples_on_cpu(ftcore_tiny_model_dir):
+    """The GPU path (a flex-attention BlockMask) on the CPU: same logits, same greedy blocks."""
+    from ftcore_ebft.strided import attention_mask
+
+    path = ftcore_tiny_model_dir("llama")
+    flex = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="flex_attention"
+    )
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(0))
+    layout = Layout(150, list(range(8, 144, 8)), 3, 6, context=12)
+    block_mask, dense_mask = (
+        attention_mask(flex.eval(), layout, "cpu"),
+        attention_mask(dense.eval(), layout, "cpu"),
+    )
+    assert type(block_mask).__name__ == "BlockMask" and dense_mask.shape == (1, 1, 456, 456)
+    greedy = Strided(generate_max_len=6, temperature=1e-6)
+    sequence = generate_blocks(flex, ids, layout, block_mask, greedy, torch.Generator().manual_seed(0))
+    assert torch.equal(sequence, generate_blocks(dense, ids, layout, dense_mask, greedy, None))
+    _, _, positions = layout.tensors()
+    with torch.no_grad():
+        left = flex(input_ids=sequence[None], position_ids=positions[None], attention_mask=block_mask).logits
+        right = dense(
+            input_ids=sequence[None], position_ids=positions[None], attention_mask=dense_mask
+        ).logits
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-5)
+
+
 def test_documents_without_an_anchor_are_dropped_and_none_left_is_an_error(
     stories_file, story_texts, tmp_path
 ):
