@@ -156,6 +156,11 @@ def check_strided(config) -> None:
             f"train.sequence_len ({train.sequence_len}): no anchor fits; lower anchor_offset",
             key="ebft.anchor_offset",
         )
+    if config.data.val_fraction or any(dataset.eval for dataset in config.datasets):
+        raise ConfigError(
+            "strided mode has no evaluation pass: remove data.val_fraction and eval = true datasets",
+            key="data.val_fraction" if config.data.val_fraction else "datasets",
+        )
     if config.model.compile:
         raise ConfigError(
             "strided mode builds a sequence of another length (and mask) for every document, which torch.compile "

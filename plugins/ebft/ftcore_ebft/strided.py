@@ -33,23 +33,35 @@ def anchors(length: int, prompt_length: int, ebft) -> list[int]:
     return [a for a in range(ebft.anchor_offset, last + 1, ebft.stride) if a >= first]
 
 
+FLEX_BLOCK = 128
+"""Flex attention's block size: under flex the sequence is padded to a multiple of it (fewer shapes to
+compile; the CPU kernel computed wrong values for a sequence shorter than one block)."""
+
+
 @dataclass
 class Layout:
-    """Where everything sits in the one sequence: S original tokens, then the blocks (anchor-major)."""
+    """Where everything sits in the one sequence: S original tokens, then the blocks (anchor-major), then
+    padding up to a multiple of ``pad_to`` (pad positions see earlier tokens; nothing real sees them)."""
 
     length: int
     anchors: list[int]
     samples: int
     block: int
     context: int
+    pad_to: int = 1
 
     @property
     def blocks(self) -> int:
         return len(self.anchors) * self.samples
 
     @property
-    def total(self) -> int:
+    def used(self) -> int:
+        """Original and generated tokens, padding excluded."""
         return self.length + self.blocks * self.block
+
+    @property
+    def total(self) -> int:
+        return -(-self.used // self.pad_to) * self.pad_to
 
     def tensors(self, device=None):
         """(block of each position, -1 = original; anchor of its block; its position id)."""
@@ -101,9 +113,13 @@ class Layout:
         return torch.tensor(rows, dtype=torch.long).reshape(self.blocks, G)
 
 
+def uses_flex(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == "flex_attention"
+
+
 def attention_mask(model, layout: Layout, device):
     """A ``BlockMask`` under flex attention, else the dense 4-D mask in the model's dtype."""
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
+    if uses_flex(model):
         return layout.block_mask(device)
     return layout.dense_mask(next(model.parameters()).dtype, device)
 
@@ -122,7 +138,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
 def generate_blocks(model, ids: torch.Tensor, layout: Layout, mask, ebft, generator) -> torch.Tensor:
     """The full sequence (T,) with every block sampled, one token per block per forward pass."""
     _, _, positions = layout.tensors(ids.device)
-    sequence = torch.cat([ids, ids.new_zeros(layout.blocks * layout.block)])
+    sequence = torch.cat([ids, ids.new_zeros(layout.total - layout.length)])
     where = layout.logit_positions().to(ids.device)
     starts = layout.length + torch.arange(layout.blocks, device=ids.device) * layout.block
     for t in range(layout.block):
@@ -160,14 +176,17 @@ class DocumentResult:
 def document_loss(model, network: FeatureNetwork, ids: torch.Tensor, prompt_length: int, ebft, generator):
     """Generate, score and compute ``rl_coef x RL + ce_coef x CE`` for one document (which has an anchor)."""
     points = anchors(len(ids), prompt_length, ebft)
-    layout = Layout(len(ids), points, ebft.n_samples_per_prompt, ebft.generate_max_len, ebft.context_length)
+    pad_to = FLEX_BLOCK if uses_flex(model) else 1
+    layout = Layout(
+        len(ids), points, ebft.n_samples_per_prompt, ebft.generate_max_len, ebft.context_length, pad_to
+    )
     mask = attention_mask(model, layout, ids.device)
     sequence = generate_blocks(model, ids, layout, mask, ebft, generator)
     _, _, positions = layout.tensors(ids.device)
 
     states = network.states(sequence[None], mask, positions[None])[0]
     S, G, n = layout.length, layout.block, layout.samples
-    generated = states[S:].reshape(layout.blocks, G, -1)
+    generated = states[S : layout.used].reshape(layout.blocks, G, -1)
     reference = torch.stack([states[a : a + G] for a in points])
     both = torch.cat([generated, reference])
     ends = torch.full((both.shape[0],), G, device=both.device)
@@ -197,7 +216,7 @@ def document_loss(model, network: FeatureNetwork, ids: torch.Tensor, prompt_leng
     ).hidden_states[-1][0]
     head = getattr(model, "module", model).get_output_embeddings()  # through a DDP wrapper too
     where = layout.logit_positions().to(ids.device).reshape(-1)
-    block_tokens = sequence[S:]
+    block_tokens = sequence[S : layout.used]
     logp = token_logprobs(hidden[where], head, block_tokens, ebft.lm_head_chunk, ebft.temperature)
     rl = -(advantage.to(logp.device) * logp.reshape(layout.blocks, G).mean(-1)).mean()
     loss = ebft.rl_coef * rl

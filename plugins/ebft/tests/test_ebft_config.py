@@ -101,6 +101,11 @@ def structured(**tables):
         ({"train": {"packing": True}}, "train.packing", "packing = false"),
         ({"model": {"attention": "varlen"}, "ebft": {"mode": "strided"}}, "model.attention", "block mask"),
         ({"model": {"compile": True}, "ebft": {"mode": "strided"}}, "model.compile", "compile = false"),
+        (
+            {"data": {"val_fraction": 0.1}, "ebft": {"mode": "strided"}},
+            "data.val_fraction",
+            "no evaluation pass",
+        ),
     ],
 )
 def test_structured_mode_checks_its_grpo_settings(tables, key, words):

@@ -21,7 +21,7 @@ def test_the_block_mask_matches_the_dense_mask_on_logits_and_generation(ftcore_t
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     flex, dense = flex.cuda().eval(), dense.cuda().eval()
     ids = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(0)).cuda()
-    layout = Layout(150, list(range(8, 144, 8)), 3, Greedy.generate_max_len, context=12)
+    layout = Layout(150, list(range(8, 144, 8)), 3, Greedy.generate_max_len, context=12, pad_to=128)
     block_mask, dense_mask = attention_mask(flex, layout, "cuda"), attention_mask(dense, layout, "cuda")
     assert type(block_mask).__name__ == "BlockMask" and dense_mask.shape == (1, 1, layout.total, layout.total)
     a = generate_blocks(flex, ids, layout, block_mask, Greedy, torch.Generator().manual_seed(0))
@@ -34,8 +34,9 @@ def test_the_block_mask_matches_the_dense_mask_on_logits_and_generation(ftcore_t
     torch.testing.assert_close(left, right, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_strided_run_trains_with_flex_attention(
-    run_ftcore, ftcore_tiny_model_dir, stories_file, story_texts
+    checkpointing, run_ftcore, ftcore_tiny_model_dir, stories_file, story_texts
 ):
     config = {
         "plugins": ["ebft"],
@@ -43,6 +44,7 @@ def test_a_strided_run_trains_with_flex_attention(
             "base": str(ftcore_tiny_model_dir("llama")),
             "attention": "flex_attention",
             "dtype": "bfloat16",
+            "gradient_checkpointing": checkpointing,
         },
         "datasets": [{"path": stories_file(story_texts), "format": "ebft_strided"}],
         "train": {"method": "ebft", "micro_batch_size": 2, "learning_rate": 1e-3},

@@ -50,6 +50,15 @@ def test_the_dense_mask_equals_a_brute_force_construction(context):
     assert torch.equal(mask == 0, brute_force_mask(12, [2, 6, 9], 2, 3, context))
 
 
+def test_padding_is_seen_by_nothing_real():
+    layout = Layout(length=12, anchors=[2, 6, 9], samples=2, block=3, context=3, pad_to=16)
+    mask = layout.dense_mask()[0, 0]
+    assert layout.used == 30 and mask.shape == (32, 32)
+    assert torch.equal(mask[:30, :30] == 0, brute_force_mask(12, [2, 6, 9], 2, 3, 3))
+    assert (mask[:30, 30:] != 0).all()  # no real token attends to padding
+    assert (mask[30:] == 0).any(-1).all()  # every pad row attends somewhere (no empty softmax)
+
+
 def test_anchors_follow_offset_stride_prompt_and_room():
     assert anchors(20, 0, Strided()) == [4, 8, 12, 16]  # 0 skipped: a block needs a token before it
     assert anchors(20, 0, Strided(anchor_offset=2)) == [2, 6, 10, 14]
@@ -128,12 +137,12 @@ def test_the_flex_block_mask_gives_the_dense_masks_logits_and_samples_on_cpu(ftc
     )
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     ids = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(0))
-    layout = Layout(150, list(range(8, 144, 8)), 3, 6, context=12)
+    layout = Layout(150, list(range(8, 144, 8)), 3, 6, context=12, pad_to=128)
     block_mask, dense_mask = (
         attention_mask(flex.eval(), layout, "cpu"),
         attention_mask(dense.eval(), layout, "cpu"),
     )
-    assert type(block_mask).__name__ == "BlockMask" and dense_mask.shape == (1, 1, 456, 456)
+    assert type(block_mask).__name__ == "BlockMask" and dense_mask.shape == (1, 1, 512, 512)
     greedy = Strided(generate_max_len=6, temperature=1e-6)
     sequence = generate_blocks(flex, ids, layout, block_mask, greedy, torch.Generator().manual_seed(0))
     assert torch.equal(sequence, generate_blocks(dense, ids, layout, dense_mask, greedy, None))
