@@ -32,6 +32,7 @@ def grpo_arguments(config) -> dict:
         loss_type=grpo.loss_type,
         scale_rewards=grpo.scale_rewards,
         mask_truncated_completions=False,  # ftcore masks by finish reason (stop strings are not truncation)
+        off_policy_mask_threshold=grpo.off_policy_mask_threshold,
         reward_weights=list(grpo.reward_weights) if grpo.reward_weights else None,
         multi_objective_aggregation=grpo.reward_aggregation,
         chat_template_kwargs=template_kwargs(config),
@@ -87,10 +88,15 @@ class GRPOMethod:
             )
         )
         ref_model = reference_model(run)
-        generator = build_generator(config, run.model, run.tokenizer, run.output_dir)
+        generator = build_generator(config, run.model, run.tokenizer, run.output_dir, device=args.device)
         scorer = RewardScorer(rewards, workers=config.grpo.reward_workers, timeout=config.grpo.reward_timeout)
         producer = RolloutProducer(
-            generator, scorer, sampling_params(config), seed=config.train.seed, rank=args.process_index
+            generator,
+            scorer,
+            sampling_params(config),
+            seed=config.train.seed,
+            rank=args.process_index,
+            streaming_groups=config.grpo.streaming_groups,
         )
         return FtcoreGRPOTrainer(
             model=run.model,

@@ -7,7 +7,10 @@ GDPO aggregation, ``scale_rewards``, ``None`` rewards excluded), the clipped los
 ``loss_type`` with its KL, clip-ratio and entropy metrics. ftcore adds: the ``Generator``
 backends with weight sync every ``sync_interval`` steps and policy versions, stop strings, reward
 workers with timeouts, truncation by finish reason, per-step rollout metrics, completions.jsonl,
-a frozen-copy reference under full fine-tuning, and resume at the right rollout.
+a frozen-copy reference under full fine-tuning, resume at the right rollout, async prefetch
+(``ftcore_grpo.prefetch``), importance-sampling correction against the generator's log-probs
+(``ftcore_grpo.importance``: folded into per-token advantages, which TRL's losses accept) and the
+skipping of micro-batches whose advantages are all zero.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from pathlib import Path
 import torch
 from ftcore.train import remove_default_printer
 from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from ftcore_grpo import state
+from ftcore_grpo import importance
+from ftcore_grpo.config import importance_sampling
+from ftcore_grpo.prefetch import AsyncRollouts, RolloutPlan
 from ftcore_grpo.rollout import Rollout, RolloutProducer
 
 log = logging.getLogger("ftcore.grpo")
@@ -56,9 +62,10 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self._aligned = False
         self._eval_rollouts = 0
         self._next_completions_log = 0
-        self.restored_state: dict | None = None
+        self.restored_state: dict | None = ftcore_run.stash.get("grpo", {}).get("checkpoint")
+        self.prefetch: AsyncRollouts | None = None
+        self._skipped_in_step = 0
         remove_default_printer(self)
-        state.attach(self.ftcore_config, self)
 
     def _send_telemetry(self):
         """ftcore reports nothing by default; TRL's usage ping stays off."""
@@ -117,22 +124,43 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         training = self.model.training
         if training:
             self._sync_generator()
-            index = self.rollout_index()
+            rollout = self._take_rollout(inputs, self.rollout_index())
         else:
             self._eval_rollouts += 1
-            index = -self._eval_rollouts
-        self._rollout = self.last_rollout = self.producer.produce(inputs, index)
+            rollout = self.producer.produce(inputs, -self._eval_rollouts)
+        self._rollout = self.last_rollout = rollout
         try:
             output = super()._generate_and_score_completions(inputs)
-            self._after_rollout(self._rollout, output, "train" if training else "eval")
+            mode = "train" if training else "eval"
+            self._after_rollout(self._rollout, output, mode)
+            self._correct_importance(output, mode)
         finally:
             self._rollout = None
         return output
 
+    def _take_rollout(self, rows, index: int) -> Rollout:
+        if not self.grpo.async_prefetch:
+            return self.producer.produce(rows, index)
+        if self.prefetch is None:
+            from accelerate.utils import broadcast_object_list
+
+            plan = RolloutPlan(self.train_dataset, self._get_train_sampler(), self.args.generation_batch_size)
+            self.prefetch = AsyncRollouts(
+                self.producer,
+                plan,
+                depth=self.grpo.prefetch_depth,
+                process_index=self.accelerator.process_index,
+                num_processes=self.accelerator.num_processes,
+                broadcast=broadcast_object_list,
+            )
+        return self.prefetch.take(index, rows)
+
     def _sync_generator(self) -> None:
         """Hand the policy to the generator before the first rollout, then every ``sync_interval`` steps."""
         step = self.state.global_step
-        interval = self.grpo.sync_interval if self.grpo.generation == "vllm" else 1
+        interval = (
+            self.grpo.sync_interval if self.grpo.generation == "vllm" or self.grpo.async_prefetch else 1
+        )
         if self._synced_step is None or step - self._synced_step >= interval:
             self.producer.generator.sync_weights(self.accelerator.unwrap_model(self.model), step)
             self._synced_step = step
@@ -152,6 +180,61 @@ class FtcoreGRPOTrainer(GRPOTrainer):
 
         values = [[math.nan if v is None else v for v in sample] for sample in self._rollout.rewards]
         return gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
+
+    def _correct_importance(self, output: dict, mode: str) -> None:
+        """Weight each token's advantage by the capped ratio p_trainer / p_generator (``[grpo] importance_sampling``)."""
+        level = importance_sampling(self.grpo)
+        generator_logps = output.get("sampling_per_token_logps")
+        if level == "off" or generator_logps is None:
+            return
+        mask = output["completion_mask"]
+        if "old_per_token_logps" not in output:  # the trainer's log-probs before this batch's update
+            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], mask], dim=1)
+            batch_size = (
+                self.args.per_device_train_batch_size
+                if mode == "train"
+                else self.args.per_device_eval_batch_size
+            )
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            ):
+                output["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, mask.size(1), batch_size=batch_size
+                )[0]
+        correction = importance.importance_weights(
+            output["old_per_token_logps"],
+            generator_logps,
+            mask,
+            level=level,
+            mode=self.grpo.importance_sampling_mode,
+            cap=self.grpo.importance_sampling_cap,
+        )
+        output["advantages"] = output["advantages"].unsqueeze(1) * correction.weights
+        for name, value in importance.metrics(correction).items():
+            values = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
+            values = values[~values.isnan()]  # a process without completion tokens
+            reduce = {"min": torch.min, "max": torch.max}.get(name.rsplit("/", 1)[-1], torch.mean)
+            if values.numel():
+                self._metrics[mode][name].append(reduce(values).item())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Micro-batches whose advantages are all zero skip forward and backward (with ``beta = 0``
+        their loss and gradient are exactly zero); every process skips together."""
+        if not (self.model.training and self.grpo.skip_zero_advantage_batches and not self.beta):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        device = self.accelerator.device
+        skip = bool(
+            self.accelerator.gather(torch.tensor([not inputs["advantages"].any()], device=device)).all()
+        )
+        self._skipped_in_step += skip
+        if (self._step + 1) % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["skipped_zero_adv_batches"].append(float(self._skipped_in_step))
+            self._skipped_in_step = 0
+        if skip:
+            return torch.zeros((), device=device, requires_grad=True)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _after_rollout(self, rollout: Rollout, output: dict, mode: str) -> None:
         device = self.accelerator.device
@@ -236,8 +319,9 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         try:
             return super().train(*args, **kwargs)
         finally:
+            if self.prefetch is not None:
+                self.prefetch.close()
             self.producer.close()
-            state.detach(self.ftcore_config)
 
 
 def _trim_rows(path: Path, last_step: int) -> None:

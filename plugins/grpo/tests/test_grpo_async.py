@@ -1,0 +1,179 @@
+"""Async prefetch, importance-sampling correction, zero-advantage skipping and streaming scoring:
+unit tests against values computed by hand, and runs on the real stories260K (hf backend)."""
+
+import json
+import math
+
+import pytest
+import torch
+from ftcore.config import load_config
+from ftcore.metrics import read_metrics
+from ftcore.pipeline import run_training
+from ftcore.testing import stories_model
+from ftcore_grpo.importance import importance_weights, metrics
+from ftcore_grpo.prefetch import RolloutPlan
+from trl.trainer.utils import RepeatSampler
+
+# -- importance sampling, by hand
+
+TRAINER = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, 0.0]])
+GENERATOR = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, float("nan"), -9.0]])
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+# log rho per token: [0.5, -1.0, 0.0], [-0.1, nan -> 0, padding -> 0]
+
+
+def test_token_level_truncates_at_the_cap():
+    c = importance_weights(TRAINER, GENERATOR, MASK, level="token", mode="truncate", cap=1.5)
+    expected = [[1.5, math.exp(-1.0), 1.0], [math.exp(-0.1), 1.0, 0.0]]  # e^0.5 = 1.65 > 1.5; padding 0
+    torch.testing.assert_close(c.weights, torch.tensor(expected))
+    assert c.capped.tolist() == [True, False, False, False, False]  # the 5 completion tokens
+
+
+def test_token_level_masks_above_the_cap():
+    c = importance_weights(TRAINER, GENERATOR, MASK, level="token", mode="mask", cap=1.5)
+    expected = [[0.0, math.exp(-1.0), 1.0], [math.exp(-0.1), 1.0, 0.0]]
+    torch.testing.assert_close(c.weights, torch.tensor(expected))
+
+
+@pytest.mark.parametrize(("mode", "first"), [("truncate", 0.9), ("mask", 0.0)])
+def test_sequence_level_uses_the_product_of_the_token_ratios(mode, first):
+    # sequence 0: log rho = 0.5 - 1 + 0 = -0.5 (0.607, under the cap); sequence 1: -0.1 (0.905 > 0.9)
+    c = importance_weights(TRAINER, GENERATOR, MASK, level="sequence", mode=mode, cap=0.9)
+    torch.testing.assert_close(c.weights, torch.tensor([[math.exp(-0.5)], [first]]))
+    assert c.weights.shape == (2, 1) and c.capped.tolist() == [False, True]
+
+
+def test_metrics_of_a_batch():
+    c = importance_weights(TRAINER, GENERATOR, MASK, level="token", mode="truncate", cap=1.5)
+    m = metrics(c)
+    ratios = [math.exp(0.5), math.exp(-1.0), 1.0, math.exp(-0.1), 1.0]
+    assert m["sampling/importance_sampling_ratio/min"] == pytest.approx(math.exp(-1.0))
+    assert m["sampling/importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5))
+    assert m["sampling/importance_sampling_ratio/mean"] == pytest.approx(sum(ratios) / 5)
+    assert m["sampling/importance_sampling_capped_fraction"] == pytest.approx(0.2)
+    assert m["sampling/sampling_logp_difference/mean"] == pytest.approx((0.5 + 1.0 + 0 + 0.1 + 0) / 5)
+    assert m["sampling/sampling_logp_difference/max"] == pytest.approx(1.0)
+
+
+# -- the prompt plan of async prefetch
+
+
+def test_the_plan_replays_the_trainers_sampler_across_epochs():
+    data = [{"prompt_ids": [i]} for i in range(5)]
+    options = dict(mini_repeat_count=2, batch_size=2, repeat_count=3, shuffle=True, seed=7)
+    plan = RolloutPlan(data, RepeatSampler(data, **options), batch_size=4)
+    loader = RepeatSampler(data, **options)  # what the trainer's loader iterates, epoch after epoch
+    flat = list(loader) + list(loader) + list(loader)
+    batches = [flat[i : i + 4] for i in range(0, len(flat), 4)][::3]  # each batch repeated 3 times
+    assert len(batches) == 6  # 2 full batches of 2 prompts per epoch (the 5th prompt is left out)
+    for index, batch in enumerate(batches):
+        assert [row["prompt_ids"] for row in plan.rows(index)] == [[i] for i in batch]
+    assert plan.rows(2)[0] == data[batches[2][0]]
+
+
+# -- runs on stories260K
+
+ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "fox"]
+REWARDS = """
+def says_the(completions, **kwargs):
+    return [float(" the " in text) for text in completions]
+
+
+def always_one(completions, **kwargs):
+    return [1.0 for _ in completions]
+"""
+
+
+def write_config(tmp_path, *, steps=3, grpo="", rewards='["grpo_async_rewards:says_the"]'):
+    (tmp_path / "grpo_async_rewards.py").write_text(REWARDS)
+    rows = [{"prompt": f"Once upon a time, there was a {a} who"} for a in ANIMALS]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+plugins = ["grpo"]
+[model]
+base = "{stories_model()}"
+dtype = "float32"
+[[datasets]]
+path = "prompts.jsonl"
+format = "prompt"
+[train]
+method = "grpo"
+output_dir = "out"
+micro_batch_size = 4
+gradient_accumulation_steps = 2
+sequence_len = 48
+max_steps = {steps}
+save_steps = 2
+logging_steps = 1
+learning_rate = 5e-3
+seed = 1
+[grpo]
+num_generations = 4
+max_completion_length = 8
+rewards = {rewards}
+importance_sampling = "token"
+log_completions_steps = 1
+{grpo}
+""")
+    return path
+
+
+def train(path, *overrides):
+    config, plugins = load_config(path, list(overrides))
+    result = run_training(config, plugins)
+    return result, [row for row in read_metrics(result.output_dir) if "loss" in row]
+
+
+def completion_rows(output_dir):
+    return [json.loads(line) for line in (output_dir / "completions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_async_without_staleness_equals_the_synchronous_run(tmp_path):
+    """prefetch_depth = 0: the background thread and the generating copy, but no batch ahead."""
+    path = write_config(tmp_path)
+    _, sync = train(path, "train.output_dir=sync")
+    result, prefetched = train(path, "train.output_dir=async", "grpo.async_prefetch=true", "grpo.prefetch_depth=0")
+    assert [row["loss"] for row in prefetched] == pytest.approx([row["loss"] for row in sync], abs=1e-6)
+    assert [row["reward"] for row in prefetched] == [row["reward"] for row in sync]
+    assert all(row["policy/version_lag_max"] == 0 for row in prefetched)
+    assert [r["completion"] for r in completion_rows(result.output_dir)] == [
+        r["completion"] for r in completion_rows(tmp_path / "sync")
+    ]
+
+
+@pytest.mark.slow
+def test_prefetched_batches_lag_and_are_corrected_with_the_generators_logprobs(tmp_path):
+    path = write_config(tmp_path, steps=4, grpo="async_prefetch = true\nprefetch_depth = 1")
+    result, rows = train(path)
+    # rollout 0 waits for weights 0; rollout r >= 1 was generated while step r - 1 trained
+    assert [row["policy/version_lag_max"] for row in rows] == [0, 1, 1, 1]
+    versions = {}
+    for row in completion_rows(result.output_dir):
+        versions.setdefault(row["step"], set()).add(row["policy_version"])
+    assert versions == {1: {0}, 2: {0}, 3: {1}, 4: {2}}
+    # lag 0: the generator's log-probs are the trainer's (up to kernels); lag 1: they differ
+    assert rows[0]["sampling/sampling_logp_difference/max"] < 1e-4
+    assert rows[0]["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
+    assert max(row["sampling/sampling_logp_difference/max"] for row in rows[1:]) > 1e-3
+    assert all(row["skipped_zero_adv_batches"] >= 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_prefetch_with_sync_interval_lags_up_to_the_interval(tmp_path):
+    grpo = "async_prefetch = true\nprefetch_depth = 1\nsync_interval = 2\nimportance_sampling_mode = 'mask'"
+    _, rows = train(write_config(tmp_path, steps=5, grpo=grpo))
+    # syncs at steps 0, 2, 4; rollout r (trained at step r) is generated at step r - 1 with the last sync
+    assert [row["policy/version_lag_max"] for row in rows] == [0, 1, 2, 1, 2]
+
+
+@pytest.mark.slow
+def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path):
+    """A constant reward: every advantage is 0, both micro-batches of every step skip."""
+    path = write_config(tmp_path, steps=2, rewards='["grpo_async_rewards:always_one"]')
+    result, rows = train(path)
+    assert [row["skipped_zero_adv_batches"] for row in rows] == [2, 2]
+    assert all(row["grad_norm"] == 0 for row in rows) and "entropy" not in rows[0]
+    _, kept = train(path, "train.output_dir=kept", "grpo.skip_zero_advantage_batches=false")
+    assert "skipped_zero_adv_batches" not in kept[0] and "entropy" in kept[0]
