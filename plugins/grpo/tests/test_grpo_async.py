@@ -75,8 +75,8 @@ def test_the_plan_replays_the_trainers_sampler_across_epochs():
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "fox"]
 REWARDS = """
-def says_the(completions, **kwargs):
-    return [float(" the " in text) for text in completions]
+def by_length(completions, **kwargs):
+    return [float(len(text) % 3) for text in completions]
 
 
 def always_one(completions, **kwargs):
@@ -84,7 +84,7 @@ def always_one(completions, **kwargs):
 """
 
 
-def write_config(tmp_path, *, steps=3, grpo="", rewards='["grpo_async_rewards:says_the"]'):
+def write_config(tmp_path, *, steps=3, grpo="", rewards='["grpo_async_rewards:by_length"]'):
     (tmp_path / "grpo_async_rewards.py").write_text(REWARDS)
     rows = [{"prompt": f"Once upon a time, there was a {a} who"} for a in ANIMALS]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -134,7 +134,9 @@ def test_async_without_staleness_equals_the_synchronous_run(tmp_path):
     """prefetch_depth = 0: the background thread and the generating copy, but no batch ahead."""
     path = write_config(tmp_path)
     _, sync = train(path, "train.output_dir=sync")
-    result, prefetched = train(path, "train.output_dir=async", "grpo.async_prefetch=true", "grpo.prefetch_depth=0")
+    result, prefetched = train(
+        path, "train.output_dir=async", "grpo.async_prefetch=true", "grpo.prefetch_depth=0"
+    )
     assert [row["loss"] for row in prefetched] == pytest.approx([row["loss"] for row in sync], abs=1e-6)
     assert [row["reward"] for row in prefetched] == [row["reward"] for row in sync]
     assert all(row["policy/version_lag_max"] == 0 for row in prefetched)
@@ -177,3 +179,81 @@ def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path):
     assert all(row["grad_norm"] == 0 for row in rows) and "entropy" not in rows[0]
     _, kept = train(path, "train.output_dir=kept", "grpo.skip_zero_advantage_batches=false")
     assert "skipped_zero_adv_batches" not in kept[0] and "entropy" in kept[0]
+
+
+# -- the correction inside the trainer, by hand
+
+
+def build_trainer(tmp_path, grpo: str):
+    """The grpo trainer on stories260K (2 prompt groups of 4 per step), via the real method."""
+    from ftcore.methods import Run
+    from ftcore.model import load_model_and_tokenizer
+    from ftcore_grpo.method import GRPOMethod
+
+    path = write_config(tmp_path, grpo=grpo)
+    config, plugins = load_config(path, ["train.micro_batch_size=8", "train.gradient_accumulation_steps=1"])
+    model, tokenizer = load_model_and_tokenizer(config, plugins)
+    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=tmp_path / "out")
+    trainer = GRPOMethod().build_trainer(run)
+    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
+    trainer.model.train()
+    return trainer
+
+
+def completion_logps(model, output):
+    """Each completion's token log-probs, the sequence run alone and unpadded (padding: 0)."""
+    result = torch.zeros(output["completion_ids"].shape)
+    with torch.no_grad():
+        for i in range(len(result)):
+            prompt = output["prompt_ids"][i][output["prompt_mask"][i].bool()].tolist()
+            tokens = output["completion_ids"][i][output["completion_mask"][i].bool()].tolist()
+            logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+            result[i, : len(tokens)] = logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+    return result
+
+
+def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
+    """The policy moves after sampling (as with a stale generator): advantages are weighted by
+    min(p_trainer / p_generator, C) per token, and off-policy sequence masking drops the
+    negative-advantage sequences whose mean log-prob gap exceeds the threshold."""
+    cap, threshold = 1.05, 0.02
+    trainer = build_trainer(
+        tmp_path, f"importance_sampling_cap = {cap}\noff_policy_mask_threshold = {threshold}"
+    )
+    produce = trainer.producer.produce
+
+    def produce_then_train(rows, index):
+        rollout = produce(rows, index)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.add_(torch.randn_like(param) * 0.02)  # an optimizer step's worth of change
+        return rollout
+
+    trainer.producer.produce = produce_then_train
+    rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
+    output = trainer._generate_and_score_completions(rows)
+    rollout = trainer.last_rollout
+    mask = output["completion_mask"].float()
+    generator = torch.zeros_like(mask)
+    for i, completion in enumerate(rollout.completions):
+        generator[i, : len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    trainer_logps = completion_logps(trainer.model, output)
+    rewards = torch.tensor([sample[0] for sample in rollout.rewards]).view(2, 4)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
+    weights = torch.exp(trainer_logps - generator).clamp(max=cap) * mask
+    assert (weights * mask).max() == pytest.approx(cap) and (weights[mask.bool()] < cap).any()
+    torch.testing.assert_close(output["advantages"], advantages[:, None] * weights, atol=1e-4, rtol=1e-4)
+
+    gap = ((generator - trainer_logps) * mask).sum(1) / mask.sum(1)
+    keep = (advantages >= 0) | (gap <= threshold)
+    assert not keep.all() and keep.any()  # the case is exercised
+    expected = -(keep[:, None] * advantages[:, None] * weights).sum() / mask.sum()
+    loss = trainer.compute_loss(trainer.model, output)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    ratios = torch.exp(trainer_logps - generator)[mask.bool()]
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(ratios.max().item(), rel=1e-4)
+    assert metrics["sampling/importance_sampling_capped_fraction"] == pytest.approx(
+        (ratios > cap).float().mean().item()
+    )
