@@ -20,7 +20,10 @@ class GRPOSection(Section):
     )
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="The vLLM server (generation = vllm).")
     sync_interval: int = Field(
-        1, ge=1, description="Push the trained weights (or adapter) to vLLM every N optimizer steps."
+        1,
+        ge=1,
+        description="Push the trained weights (or adapter) to vLLM, or to the generating copy of an async hf run, "
+        "every N optimizer steps.",
     )
     num_generations: int = Field(8, ge=2, description="Completions per prompt (the group size G).")
     num_iterations: int = Field(

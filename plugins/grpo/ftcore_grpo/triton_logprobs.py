@@ -100,7 +100,7 @@ def row_stats(logits: torch.Tensor, index: torch.Tensor | None = None):
         i, i.stride(0), i.stride(1),
         lse, mean, picked,
         L, V,
-        WITH_INDEX=index is not None, BLOCK_V=BLOCK,
+        WITH_INDEX=index is not None, BLOCK_V=BLOCK, num_warps=8,
     )  # fmt: skip
     shape = logits.shape[:-1]
     return lse.view(shape), mean.view(shape), (picked.view(shape) if index is not None else None)
@@ -120,6 +120,6 @@ def row_grad(logits, index, grad_output, lse, mean, *, entropy: bool) -> torch.T
         lse.reshape(-1), mean.reshape(-1),
         grad,
         L, V,
-        ENTROPY=entropy, BLOCK_V=BLOCK,
+        ENTROPY=entropy, BLOCK_V=BLOCK, num_warps=8,
     )  # fmt: skip
     return grad.view(logits.shape)
