@@ -1,6 +1,7 @@
 """Async prefetch, importance-sampling correction, zero-advantage skipping and streaming scoring:
 unit tests against values computed by hand, and runs on the real stories260K (hf backend)."""
 
+import dataclasses
 import json
 import math
 
@@ -257,3 +258,31 @@ def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
     assert metrics["sampling/importance_sampling_capped_fraction"] == pytest.approx(
         (ratios > cap).float().mean().item()
     )
+
+
+def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path):
+    from ftcore_grpo.rollout import RolloutProducer, rollout_seed
+
+    trainer = build_trainer(tmp_path, "")
+    base = trainer.producer
+    rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
+    whole = base.produce(rows, 5)
+
+    def producer(streaming_groups):
+        return RolloutProducer(
+            base.generator, base.scorer, base.sampling, seed=base.seed, streaming_groups=streaming_groups
+        )
+
+    one_chunk = producer(2).produce(rows, 5)
+    assert [c.token_ids for c in one_chunk.completions] == [c.token_ids for c in whole.completions]
+    streamed = producer(1).produce(rows, 5)
+    assert streamed.groups == [(0, 4), (4, 8)] and len(streamed.completions) == 8
+    # chunk c is sampled alone, with the rollout's seed + c
+    seed = rollout_seed(base.seed, 5)
+    for chunk in (0, 1):
+        sampling = dataclasses.replace(base.sampling, seed=seed + chunk)
+        alone = base.generator.generate([rows[4 * chunk]["prompt_ids"]], 4, sampling)[0]
+        got = streamed.completions[4 * chunk : 4 * chunk + 4]
+        assert [c.token_ids for c in got] == [c.token_ids for c in alone]
+    assert [r[0] for r in streamed.rewards] == [float(len(c.text) % 3) for c in streamed.completions]
+    assert streamed.failures == {"grpo_async_rewards:by_length": 0}
