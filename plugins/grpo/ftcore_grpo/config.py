@@ -152,6 +152,29 @@ class GRPOSection(Section):
         description="Generate n prompt groups at a time and score each chunk while the next one generates "
         "(0 = the whole batch in one request).",
     )
+    replay_buffer_size: int = Field(
+        0,
+        ge=0,
+        description="Keep up to N prompt groups whose rewards varied and put them in the place of groups whose "
+        "rewards did not (no learning signal) in later batches, newest first, each once (0 = off).",
+    )
+    replay_recompute_logps: bool = Field(
+        True,
+        description="Replayed groups: take the generator log-probs as the trainer's current ones (no "
+        "importance-sampling correction of their age); false = correct them against their generator's.",
+    )
+    reroll_start_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Once this share of the training steps is done, prompts whose whole group scored 0 are "
+        "generated again in later batches (1.0 = never).",
+    )
+    reroll_max_groups: int = Field(
+        1,
+        ge=1,
+        description="Re-rolled prompt groups at most per batch (they replace the batch's last groups).",
+    )
     skip_zero_advantage_batches: bool = Field(
         True,
         description="Skip forward and backward of micro-batches whose advantages are all zero (with beta = 0 "

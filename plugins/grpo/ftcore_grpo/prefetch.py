@@ -81,8 +81,10 @@ class AsyncRollouts:
         process_index: int = 0,
         num_processes: int = 1,
         broadcast: Callable[[list], None] | None = None,
+        prepare: Callable[[list[dict], int], list[dict]] | None = None,
     ):
         self.producer, self.plan, self.depth = producer, plan, depth
+        self.prepare = prepare or (lambda rows, index: rows)
         self.process_index, self.num_processes, self.broadcast = process_index, num_processes, broadcast
         self.generating = process_index == 0
         self._worker = (
@@ -95,10 +97,12 @@ class AsyncRollouts:
             return
         rows = self.plan.rows(index)
         if rows is not None:
-            self._pending[index] = (rows, self._worker.submit(self.producer.produce, rows, index))
+            future = self._worker.submit(self.producer.produce, self.prepare(rows, index), index)
+            self._pending[index] = (rows, future)
 
     def take(self, index: int, local_rows: list[dict[str, Any]]) -> Rollout:
-        """Rollout ``index`` for this process's ``local_rows``; then queue the next ``depth`` rollouts."""
+        """Rollout ``index`` for this process's ``local_rows`` (after ``prepare``, which may re-roll
+        prompts); then queue the next ``depth`` rollouts."""
         rollout = self._take_global(index, local_rows) if self.generating else None
         if self.num_processes > 1:
             shared = [rollout]
@@ -107,8 +111,6 @@ class AsyncRollouts:
             size = len(local_rows)
             start = self.process_index * size
             rollout = slice_rollout(rollout, start, start + size, keep_failures=self.process_index == 0)
-        if [row["prompt_ids"] for row in rollout.rows] != [row["prompt_ids"] for row in local_rows]:
-            raise RuntimeError(f"grpo: the prefetched rollout {index} does not hold this process's prompts")
         return rollout
 
     def _take_global(self, index: int, local_rows: list[dict[str, Any]]) -> Rollout:
@@ -125,7 +127,8 @@ class AsyncRollouts:
             self.cancel()
             if self.num_processes > 1:
                 raise RuntimeError("grpo: async_prefetch lost track of the prompt order across processes")
-            rows, future = local_rows, self._worker.submit(self.producer.produce, local_rows, index)
+            prepared = self.prepare(local_rows, index)
+            rows, future = local_rows, self._worker.submit(self.producer.produce, prepared, index)
         rollout = future.result()
         for ahead in range(index + 1, index + 1 + self.depth):
             self._submit(ahead)

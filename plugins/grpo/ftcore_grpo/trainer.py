@@ -29,6 +29,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 from ftcore_grpo import importance
 from ftcore_grpo.config import importance_sampling
 from ftcore_grpo.prefetch import AsyncRollouts, RolloutPlan
+from ftcore_grpo.replay import Replay
 from ftcore_grpo.rollout import Rollout, RolloutProducer
 
 log = logging.getLogger("ftcore.grpo")
@@ -65,6 +66,11 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self.restored_state: dict | None = ftcore_run.stash.get("grpo", {}).get("checkpoint")
         self.prefetch: AsyncRollouts | None = None
         self._skipped_in_step = 0
+        grpo = self.grpo
+        self.replay = Replay(grpo.replay_buffer_size, grpo.reroll_start_fraction, grpo.reroll_max_groups)
+        if self.restored_state and "replay" in self.restored_state:
+            self.replay.load_state_dict(self.restored_state["replay"])
+        self._replayed: list[bool] = []
         remove_default_printer(self)
 
     def _send_telemetry(self):
@@ -125,6 +131,11 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         if training:
             self._sync_generator()
             rollout = self._take_rollout(inputs, self.rollout_index())
+            self._replayed = []
+            if self._whole_groups(rollout.rows) and self.replay.active:
+                weights = self.reward_weights.tolist()
+                rollout, self._replayed = self.replay.apply(rollout, weights, self.num_generations)
+                self._metrics["train"]["replayed_groups"].append(sum(self._replayed) / self.num_generations)
         else:
             self._eval_rollouts += 1
             rollout = self.producer.produce(inputs, -self._eval_rollouts)
@@ -138,9 +149,25 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             self._rollout = None
         return output
 
+    def _whole_groups(self, rows) -> bool:
+        """Whether this process holds whole groups (else replay and re-roll are left out)."""
+        return len(rows) % self.num_generations == 0
+
+    def _reroll(self, rows, index: int):
+        """``rows`` with failed prompts of earlier batches in place of its last groups, when due."""
+        if not self._whole_groups(rows):
+            return rows
+        step = index * self.generate_every // self.args.gradient_accumulation_steps
+        progress = step / max(1, self.state.max_steps or self.args.max_steps)
+        queued = len(self.replay.rerolls)
+        rows = self.replay.reroll(rows, progress, self.num_generations)
+        if self.replay.reroll_start < 1.0:
+            self._metrics["train"]["rerolled_groups"].append(float(queued - len(self.replay.rerolls)))
+        return rows
+
     def _take_rollout(self, rows, index: int) -> Rollout:
         if not self.grpo.async_prefetch:
-            return self.producer.produce(rows, index)
+            return self.producer.produce(self._reroll(rows, index), index)
         if self.prefetch is None:
             from accelerate.utils import broadcast_object_list
 
@@ -152,6 +179,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
                 process_index=self.accelerator.process_index,
                 num_processes=self.accelerator.num_processes,
                 broadcast=broadcast_object_list,
+                prepare=self._reroll,
             )
         return self.prefetch.take(index, rows)
 
@@ -185,7 +213,9 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         """Weight each token's advantage by the capped ratio p_trainer / p_generator (``[grpo] importance_sampling``)."""
         level = importance_sampling(self.grpo)
         generator_logps = output.get("sampling_per_token_logps")
-        if level == "off" or generator_logps is None:
+        replayed = torch.tensor(self._replayed if mode == "train" else [], dtype=torch.bool)
+        recompute = bool(replayed.any()) and self.grpo.replay_recompute_logps
+        if generator_logps is None or (level == "off" and not recompute):
             return
         mask = output["completion_mask"]
         if "old_per_token_logps" not in output:  # the trainer's log-probs before this batch's update
@@ -203,6 +233,12 @@ class FtcoreGRPOTrainer(GRPOTrainer):
                 output["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
                     self.model, input_ids, attention_mask, mask.size(1), batch_size=batch_size
                 )[0]
+        if recompute:  # replayed groups count as sampled by the current policy
+            generator_logps[replayed.to(mask.device)] = output["old_per_token_logps"][
+                replayed.to(mask.device)
+            ]
+        if level == "off":
+            return
         correction = importance.importance_weights(
             output["old_per_token_logps"],
             generator_logps,
@@ -309,6 +345,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             "prompts_seen": self.rollout_index() * self.args.generation_batch_size // self.num_generations,
             "policy_version": self._synced_step,
             "sampler_seed": self.args.seed,
+            "replay": self.replay.state_dict(),
         }
 
     def restore_rollout_state(self, state: dict) -> None:
