@@ -122,6 +122,8 @@ class FtcoreGRPOTrainer(GRPOTrainer):
 
     def evaluate(self, *args, **kwargs):
         self._eval_rollouts = 0  # every evaluation samples with the same seeds
+        if self.prefetch is not None:  # the generator and the reward workers are the evaluation's now
+            self.prefetch.cancel()
         return super().evaluate(*args, **kwargs)
 
     # -- rollouts: the producer generates and scores; TRL turns them into tensors and advantages

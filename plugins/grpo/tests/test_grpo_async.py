@@ -286,3 +286,14 @@ def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path):
         assert [c.token_ids for c in got] == [c.token_ids for c in alone]
     assert [r[0] for r in streamed.rewards] == [float(len(c.text) % 3) for c in streamed.completions]
     assert streamed.failures == {"grpo_async_rewards:by_length": 0}
+
+
+@pytest.mark.slow
+def test_evaluation_waits_for_the_prefetching_thread(tmp_path):
+    """Evaluation shares the generator and the reward workers: queued batches are dropped first."""
+    grpo = "async_prefetch = true\nprefetch_depth = 2\nreward_workers = 1"
+    path = write_config(tmp_path, steps=4, grpo=grpo)
+    result, rows = train(path, "data.val_fraction=0.25", "train.eval_steps=2")
+    evaluations = [row for row in read_metrics(result.output_dir) if "eval_reward" in row]
+    assert [row["step"] for row in evaluations] == [0, 2, 4] and len(rows) == 4
+    assert all(row["policy/version_lag_max"] <= 2 for row in rows)
