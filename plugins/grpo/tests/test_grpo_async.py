@@ -297,3 +297,23 @@ def test_evaluation_waits_for_the_prefetching_thread(tmp_path):
     evaluations = [row for row in read_metrics(result.output_dir) if "eval_reward" in row]
     assert [row["step"] for row in evaluations] == [0, 2, 4] and len(rows) == 4
     assert all(row["policy/version_lag_max"] <= 2 for row in rows)
+
+
+@pytest.mark.slow
+def test_two_processes_rank_0_generates_and_broadcasts(tmp_path):
+    """``ftcore run --nproc 2`` on the CPU (gloo): one group per process, prefetched by rank 0."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_config(tmp_path, grpo="async_prefetch = true\nprefetch_depth = 1\nreplay_buffer_size = 2")
+    command = [sys.executable, "-m", "ftcore.cli", "run", str(path), "--nproc", "2",
+               "--set", "train.micro_batch_size=2"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [row for row in read_metrics(tmp_path / "out") if "loss" in row]
+    assert [row["policy/version_lag_max"] for row in rows] == [0, 1, 1]
+    assert rows[0]["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
+    samples = completion_rows(tmp_path / "out")
+    assert [row["rollout"] for row in samples] == [0] * 4 + [1] * 4 + [2] * 4  # rank 0's group
