@@ -140,6 +140,11 @@ class GRPOSection(Section):
     importance_sampling_cap: float = Field(
         2.0, gt=0, description="The cap C of the importance-sampling ratio."
     )
+    importance_sampling_kl: bool = Field(
+        False,
+        description="beta > 0: weight the KL term's tokens by the same correction, times the current-to-old "
+        "ratio, so that it estimates the KL of the trainer's policy although another one sampled.",
+    )
     off_policy_mask_threshold: float | None = Field(
         None,
         gt=0,

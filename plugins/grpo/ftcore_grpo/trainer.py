@@ -71,6 +71,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         if self.restored_state and "replay" in self.restored_state:
             self.replay.load_state_dict(self.restored_state["replay"])
         self._replayed: list[bool] = []
+        self._policy_logps: torch.Tensor | None = None
         remove_default_printer(self)
 
     def _send_telemetry(self):
@@ -250,12 +251,54 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             cap=self.grpo.importance_sampling_cap,
         )
         output["advantages"] = output["advantages"].unsqueeze(1) * correction.weights
+        if self.beta and self.grpo.importance_sampling_kl:
+            output["importance_weights"] = correction.weights
         for name, value in importance.metrics(correction).items():
             values = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
             values = values[~values.isnan()]  # a process without completion tokens
             reduce = {"min": torch.min, "max": torch.max}.get(name.rsplit("/", 1)[-1], torch.mean)
             if values.numel():
                 self._metrics[mode][name].append(reduce(values).item())
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        self._policy_logps = result[0]  # the last call of a loss is its forward: for the corrected KL term
+        return result
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss; with ``importance_sampling_kl`` its KL term is added here instead, each token
+        weighted by p_theta / p_old (TRL's correction) times the importance weight."""
+        weights = inputs.get("importance_weights")
+        if weights is None or not self.beta:
+            return super()._compute_loss(model, inputs)
+        beta, self.beta = self.beta, 0.0
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta = beta
+        logps, mask = self._policy_logps, inputs["completion_mask"]
+        gap = inputs["ref_per_token_logps"] - logps
+        kl = torch.exp(gap) - gap - 1
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["kl"].append(
+            self.accelerator.gather((kl * mask).sum() / mask.sum().clamp(min=1.0)).nanmean().item()
+        )
+        weighted = kl * torch.exp(logps - inputs.get("old_per_token_logps", logps.detach())) * weights
+        return loss + beta * self._aggregate(weighted, mask, inputs, mode)
+
+    def _aggregate(self, per_token, mask, inputs, mode: str):
+        """``per_token`` reduced as TRL reduces its per-token loss for this ``loss_type``."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "grpo":
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes  # dapo
+        if mode == "train":
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return (per_token * mask).sum() / normalizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Micro-batches whose advantages are all zero skip forward and backward (with ``beta = 0``

@@ -317,3 +317,42 @@ def test_two_processes_rank_0_generates_and_broadcasts(tmp_path):
     assert rows[0]["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
     samples = completion_rows(tmp_path / "out")
     assert [row["rollout"] for row in samples] == [0] * 4 + [1] * 4 + [2] * 4  # rank 0's group
+
+
+def test_the_kl_term_can_take_the_same_correction(tmp_path):
+    """beta > 0 with importance_sampling_kl: each token's KL to the reference is weighted by its
+    (capped) importance weight, so the loss is -sum(A w) / N + beta * sum(w KL) / N (dapo)."""
+    beta, cap = 0.5, 10.0
+    trainer = build_trainer(
+        tmp_path, f"beta = {beta}\nimportance_sampling_cap = {cap}\nimportance_sampling_kl = true"
+    )
+    produce = trainer.producer.produce
+
+    def produce_then_train(rows, index):
+        rollout = produce(rows, index)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+        return rollout
+
+    trainer.producer.produce = produce_then_train
+    rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
+    output = trainer._generate_and_score_completions(rows)
+    mask = output["completion_mask"].float()
+    generator = torch.zeros_like(mask)
+    for i, completion in enumerate(trainer.last_rollout.completions):
+        generator[i, : len(completion.logprobs)] = torch.tensor(completion.logprobs)
+    policy = completion_logps(trainer.model, output)
+    reference = completion_logps(trainer.ref_model, output)
+    weights = torch.exp(policy - generator).clamp(max=cap) * mask
+    gap = reference - policy
+    kl = (torch.exp(gap) - gap - 1) * mask
+    assert kl.sum() > 1e-3 and (weights[mask.bool()] - 1).abs().max() > 0.05  # both matter
+    advantages = output["advantages"]  # already weighted (checked above)
+    expected = (-(advantages * mask).sum() + beta * (weights * kl).sum()) / mask.sum()
+    loss = trainer.compute_loss(trainer.model, output)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    uncorrected = (-(advantages * mask).sum() + beta * kl.sum()) / mask.sum()
+    assert abs(uncorrected.item() - expected.item()) > 1e-3
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx((kl.sum() / mask.sum()).item(), rel=1e-3)
