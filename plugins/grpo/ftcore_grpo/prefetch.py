@@ -134,6 +134,10 @@ class AsyncRollouts:
             self._submit(ahead)
         return rollout
 
+    def call(self, fn, *args):
+        """``fn(*args)`` on the generating thread (after what it is doing), or here on other ranks."""
+        return self._worker.submit(fn, *args).result() if self.generating else fn(*args)
+
     def cancel(self) -> None:
         """Drop the queued rollouts (one already generating finishes first)."""
         for _, future in self._pending.values():

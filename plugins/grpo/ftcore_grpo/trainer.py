@@ -64,7 +64,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self._eval_rollouts = 0
         self._next_completions_log = 0
         self.restored_state: dict | None = ftcore_run.stash.get("grpo", {}).get("checkpoint")
-        self.prefetch: AsyncRollouts | None = None
+        self.prefetch = self._async_rollouts() if ftcore_run.config.grpo.async_prefetch else None
         self._skipped_in_step = 0
         grpo = self.grpo
         self.replay = Replay(grpo.replay_buffer_size, grpo.reroll_start_fraction, grpo.reroll_max_groups)
@@ -141,7 +141,10 @@ class FtcoreGRPOTrainer(GRPOTrainer):
                 self._metrics["train"]["replayed_groups"].append(sum(self._replayed) / self.num_generations)
         else:
             self._eval_rollouts += 1
-            rollout = self.producer.produce(inputs, -self._eval_rollouts)
+            if self.prefetch is not None:  # one thread generates (a compiled decode step is per thread)
+                rollout = self.prefetch.call(self.producer.produce, inputs, -self._eval_rollouts)
+            else:
+                rollout = self.producer.produce(inputs, -self._eval_rollouts)
         self._rollout = self.last_rollout = rollout
         try:
             output = super()._generate_and_score_completions(inputs)
@@ -168,22 +171,23 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             self._metrics["train"]["rerolled_groups"].append(float(queued - len(self.replay.rerolls)))
         return rows
 
-    def _take_rollout(self, rows, index: int) -> Rollout:
-        if not self.grpo.async_prefetch:
-            return self.producer.produce(self._reroll(rows, index), index)
-        if self.prefetch is None:
-            from accelerate.utils import broadcast_object_list
+    def _async_rollouts(self) -> AsyncRollouts:
+        from accelerate.utils import broadcast_object_list
 
-            plan = RolloutPlan(self.train_dataset, self._get_train_sampler(), self.args.generation_batch_size)
-            self.prefetch = AsyncRollouts(
-                self.producer,
-                plan,
-                depth=self.grpo.prefetch_depth,
-                process_index=self.accelerator.process_index,
-                num_processes=self.accelerator.num_processes,
-                broadcast=broadcast_object_list,
-                prepare=self._reroll,
-            )
+        plan = RolloutPlan(self.train_dataset, self._get_train_sampler(), self.args.generation_batch_size)
+        return AsyncRollouts(
+            self.producer,
+            plan,
+            depth=self.grpo.prefetch_depth,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            broadcast=broadcast_object_list,
+            prepare=self._reroll,
+        )
+
+    def _take_rollout(self, rows, index: int) -> Rollout:
+        if self.prefetch is None:
+            return self.producer.produce(self._reroll(rows, index), index)
         return self.prefetch.take(index, rows)
 
     def _sync_generator(self) -> None:
