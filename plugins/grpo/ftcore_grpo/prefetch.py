@@ -14,6 +14,7 @@ broadcast from the training thread (no collectives in the worker), each rank kee
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,13 +38,14 @@ class RolloutPlan:
         self._indices = self._iterate()
 
     def _iterate(self):
+        block = self.batch_size * self.sampler.repeat_count
         while True:
-            epoch = list(iter(self.sampler))
-            if not epoch:
+            epoch, batches = iter(self.sampler), 0
+            while len(chunk := list(itertools.islice(epoch, block))) == block:
+                batches += 1
+                yield chunk[: self.batch_size]
+            if not batches:  # fewer prompts than one batch
                 return
-            block = self.batch_size * self.sampler.repeat_count
-            for start in range(0, len(epoch) - block + 1, block):
-                yield epoch[start : start + self.batch_size]
 
     def rows(self, index: int) -> list[dict[str, Any]] | None:
         while len(self._batches) <= index:

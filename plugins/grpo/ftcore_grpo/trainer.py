@@ -10,7 +10,8 @@ workers with timeouts, truncation by finish reason, per-step rollout metrics, co
 a frozen-copy reference under full fine-tuning, resume at the right rollout, async prefetch
 (``ftcore_grpo.prefetch``), importance-sampling correction against the generator's log-probs
 (``ftcore_grpo.importance``: folded into per-token advantages, which TRL's losses accept) and the
-skipping of micro-batches whose advantages are all zero.
+skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``).
+The checkpoint state (``rollout_state``) comes back on ``--resume`` through ``run.stash["grpo"]``.
 """
 
 from __future__ import annotations
@@ -396,10 +397,6 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             "sampler_seed": self.args.seed,
             "replay": self.replay.state_dict(),
         }
-
-    def restore_rollout_state(self, state: dict) -> None:
-        """Keep a checkpoint's rollout state; the first rollout after resuming checks it."""
-        self.restored_state = dict(state)
 
     def train(self, *args, **kwargs):
         try:
