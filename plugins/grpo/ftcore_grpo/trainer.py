@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from ftcore.train import remove_default_printer
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from ftcore_grpo import importance
@@ -73,6 +72,7 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             self.replay.load_state_dict(self.restored_state["replay"])
         self._replayed: list[bool] = []
         self._policy_logps: torch.Tensor | None = None
+        self._loss_inputs: dict | None = None
         remove_default_printer(self)
 
     def _send_telemetry(self):
@@ -218,46 +218,39 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         return gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
 
     def _correct_importance(self, output: dict, mode: str) -> None:
-        """Weight each token's advantage by the capped ratio p_trainer / p_generator (``[grpo] importance_sampling``)."""
-        level = importance_sampling(self.grpo)
-        generator_logps = output.get("sampling_per_token_logps")
-        replayed = torch.tensor(self._replayed if mode == "train" else [], dtype=torch.bool)
-        recompute = bool(replayed.any()) and self.grpo.replay_recompute_logps
-        if generator_logps is None or (level == "off" and not recompute):
+        """Weight each token's advantage by the capped ratio p_trainer / p_generator (``[grpo]
+        importance_sampling``), p_trainer being the log-probs before this batch's update. TRL has them
+        when the batch trains over several steps; else they are those of the loss forward itself
+        (the weights do not change within an optimizer step), so the weighting waits for it."""
+        replayed = self._replayed if mode == "train" else []
+        recompute = any(replayed) and self.grpo.replay_recompute_logps
+        if "sampling_per_token_logps" not in output or (
+            importance_sampling(self.grpo) == "off" and not recompute
+        ):
             return
-        mask = output["completion_mask"]
-        if "old_per_token_logps" not in output:  # the trainer's log-probs before this batch's update
-            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-            attention_mask = torch.cat([output["prompt_mask"], mask], dim=1)
-            batch_size = (
-                self.args.per_device_train_batch_size
-                if mode == "train"
-                else self.args.per_device_eval_batch_size
-            )
-            with (
-                torch.no_grad(),
-                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            ):
-                output["old_per_token_logps"] = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, mask.size(1), batch_size=batch_size
-                )[0]
-        if recompute:  # replayed groups count as sampled by the current policy
-            generator_logps[replayed.to(mask.device)] = output["old_per_token_logps"][
-                replayed.to(mask.device)
-            ]
+        output["replayed"] = torch.tensor(
+            replayed or [False] * len(output["advantages"]), device=self.accelerator.device
+        )
+        if "old_per_token_logps" in output:
+            self._apply_importance(output, output["old_per_token_logps"], mode)
+
+    def _apply_importance(self, inputs: dict, trainer_logps: torch.Tensor, mode: str) -> None:
+        generator_logps, replayed = inputs["sampling_per_token_logps"], inputs.pop("replayed")
+        if self.grpo.replay_recompute_logps:  # replayed groups count as sampled by the current policy
+            generator_logps[replayed] = trainer_logps[replayed].detach()
+        level = importance_sampling(self.grpo)
         if level == "off":
             return
         correction = importance.importance_weights(
-            output["old_per_token_logps"],
+            trainer_logps.detach(),
             generator_logps,
-            mask,
+            inputs["completion_mask"],
             level=level,
             mode=self.grpo.importance_sampling_mode,
             cap=self.grpo.importance_sampling_cap,
         )
-        output["advantages"] = output["advantages"].unsqueeze(1) * correction.weights
-        if self.beta and self.grpo.importance_sampling_kl:
-            output["importance_weights"] = correction.weights
+        inputs["advantages"] = inputs["advantages"].unsqueeze(1) * correction.weights
+        inputs["importance_weights"] = correction.weights
         for name, value in importance.metrics(correction).items():
             values = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
             values = values[~values.isnan()]  # a process without completion tokens
@@ -268,19 +261,23 @@ class FtcoreGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         self._policy_logps = result[0]  # the last call of a loss is its forward: for the corrected KL term
+        if self._loss_inputs is not None and "replayed" in self._loss_inputs:  # TRL reads the advantages next
+            self._apply_importance(self._loss_inputs, result[0], "train" if self.model.training else "eval")
         return result
 
     def _compute_loss(self, model, inputs):
-        """TRL's loss; with ``importance_sampling_kl`` its KL term is added here instead, each token
-        weighted by p_theta / p_old (TRL's correction) times the importance weight."""
-        weights = inputs.get("importance_weights")
-        if weights is None or not self.beta:
-            return super()._compute_loss(model, inputs)
-        beta, self.beta = self.beta, 0.0
+        """TRL's loss, the importance weights applied once its forward has the log-probs; with
+        ``importance_sampling_kl`` the KL term is added here instead, each token weighted by
+        p_theta / p_old (TRL's correction) times the importance weight."""
+        self._loss_inputs = inputs
+        kl_corrected = bool(self.beta) and self.grpo.importance_sampling_kl
+        beta, self.beta = self.beta, (0.0 if kl_corrected else self.beta)
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
-            self.beta = beta
+            self.beta, self._loss_inputs = beta, None
+        if not kl_corrected:
+            return loss
         logps, mask = self._policy_logps, inputs["completion_mask"]
         gap = inputs["ref_per_token_logps"] - logps
         kl = torch.exp(gap) - gap - 1
@@ -288,7 +285,8 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["kl"].append(
             self.accelerator.gather((kl * mask).sum() / mask.sum().clamp(min=1.0)).nanmean().item()
         )
-        weighted = kl * torch.exp(logps - inputs.get("old_per_token_logps", logps.detach())) * weights
+        weighted = kl * torch.exp(logps - inputs.get("old_per_token_logps", logps.detach()))
+        weighted = weighted * inputs.get("importance_weights", 1.0)
         return loss + beta * self._aggregate(weighted, mask, inputs, mode)
 
     def _aggregate(self, per_token, mask, inputs, mode: str):

@@ -244,13 +244,14 @@ def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
     advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
     weights = torch.exp(trainer_logps - generator).clamp(max=cap) * mask
     assert (weights * mask).max() == pytest.approx(cap) and (weights[mask.bool()] < cap).any()
+    assert "old_per_token_logps" not in output  # no extra forward: the loss forward's log-probs serve
+    loss = trainer.compute_loss(trainer.model, output)
     torch.testing.assert_close(output["advantages"], advantages[:, None] * weights, atol=1e-4, rtol=1e-4)
 
     gap = ((generator - trainer_logps) * mask).sum(1) / mask.sum(1)
     keep = (advantages >= 0) | (gap <= threshold)
     assert not keep.all() and keep.any()  # the case is exercised
     expected = -(keep[:, None] * advantages[:, None] * weights).sum() / mask.sum()
-    loss = trainer.compute_loss(trainer.model, output)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     ratios = torch.exp(trainer_logps - generator)[mask.bool()]
@@ -349,9 +350,9 @@ def test_the_kl_term_can_take_the_same_correction(tmp_path):
     gap = reference - policy
     kl = (torch.exp(gap) - gap - 1) * mask
     assert kl.sum() > 1e-3 and (weights[mask.bool()] - 1).abs().max() > 0.05  # both matter
-    advantages = output["advantages"]  # already weighted (checked above)
-    expected = (-(advantages * mask).sum() + beta * (weights * kl).sum()) / mask.sum()
     loss = trainer.compute_loss(trainer.model, output)
+    advantages = output["advantages"]  # weighted by the loss (checked above)
+    expected = (-(advantages * mask).sum() + beta * (weights * kl).sum()) / mask.sum()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
     uncorrected = (-(advantages * mask).sum() + beta * kl.sum()) / mask.sum()
     assert abs(uncorrected.item() - expected.item()) > 1e-3
