@@ -307,7 +307,7 @@ def test_two_processes_rank_0_generates_and_broadcasts(tmp_path):
     import subprocess
     import sys
 
-    path = write_config(tmp_path, grpo="async_prefetch = true\nprefetch_depth = 1\nreplay_buffer_size = 2")
+    path = write_config(tmp_path, grpo="async_prefetch = true\nprefetch_depth = 1")
     command = [sys.executable, "-m", "ftcore.cli", "run", str(path), "--nproc", "2",
                "--set", "train.micro_batch_size=2"]  # fmt: skip
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,

@@ -38,7 +38,8 @@ def test_a_lora_run_prefetching_two_batches_finishes_syncs_and_resumes(
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     lags = [row["policy/version_lag_max"] for row in rows]
     assert lags[0] == 0 and all(0 <= lag <= 2 for lag in lags) and max(lags) >= 1  # up to 2 batches ahead
-    assert all("sampling/importance_sampling_ratio/mean" in row for row in rows)  # vLLM's log-probs
+    trained = [row for row in rows if "entropy" in row]  # a step whose micro-batches all skipped has none
+    assert trained and all("sampling/importance_sampling_ratio/mean" in row for row in trained)  # vLLM's
     versions = [json.loads(line)["policy_version"] for line in (output_dir / "completions.jsonl").open()]
     assert max(versions) >= 1  # the adapter was synced along the way
 
