@@ -1,7 +1,8 @@
 """The rollout producer: prompt rows in, generated and scored completions out.
 
 ``RolloutProducer.produce(rows, index)`` is everything that happens between the data and the
-loss: one ``generate`` call (n completions per prompt group) and one scoring pass. It touches no
+loss: one ``generate`` call (n completions per prompt group) and one scoring pass, or, with
+``streaming_groups``, one of each per chunk of groups, scoring overlapping generation. It touches no
 trainer state, so the async trainer can run it for the next batch in a background thread while
 the current one trains; ``index`` (the rollout's position in the run) seeds its sampling, so a
 resumed run draws the same random numbers for the same rollout.
