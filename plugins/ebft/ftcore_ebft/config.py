@@ -121,6 +121,13 @@ def check_structured(config) -> None:
             "the ebft reward runs the model and must score in the training process: set reward_workers = 0",
             key="grpo.reward_workers",
         )
+    for key in ("async_prefetch", "streaming_groups"):  # scoring beside generation or training
+        if getattr(grpo, key):
+            raise ConfigError(
+                f"the ebft reward runs the policy's own weights (the adapter switched off under LoRA), so it "
+                f"cannot score while the policy generates or trains in another thread: remove grpo.{key}",
+                key=f"grpo.{key}",
+            )
     for key in ("ce_coef", "rl_coef"):
         if getattr(ebft, key) != EBFTSection.model_fields[key].default:
             raise ConfigError(

@@ -95,6 +95,8 @@ def structured(**tables):
     [
         ({"grpo": {"rewards": ["gsm8k_accuracy"]}}, "grpo.rewards", "remove grpo.rewards"),
         ({"grpo": {"reward_workers": 2}}, "grpo.reward_workers", "reward_workers = 0"),
+        ({"grpo": {"async_prefetch": True}}, "grpo.async_prefetch", "remove grpo.async_prefetch"),
+        ({"grpo": {"streaming_groups": 1}}, "grpo.streaming_groups", "remove grpo.streaming_groups"),
         ({"ebft": {"ce_coef": 0.1}}, "ebft.ce_coef", "strided mode"),
         ({"grpo": {"num_generations": 3}}, "grpo.num_generations", "must divide"),
         ({"grpo": {"max_completion_length": 64}}, "grpo.max_completion_length", "no room"),
