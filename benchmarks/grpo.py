@@ -22,6 +22,13 @@ ftcore's time in generation. Configurations:
 - ``ftcore-eager``: ftcore's grpo method, ``hf_compile = false`` (dynamic cache, like TRL).
 - ``ftcore``: ftcore's grpo method as configured by default: a static KV cache and a compiled,
   CUDA-graphed decode step.
+- ``ftcore-async``, ``ftcore-eager-async``: the same with ``async_prefetch = true``
+  (``prefetch_depth = 1``): a copy of the policy generates the next batch in a background thread
+  while this one trains, on the second GPU when two are visible (``hf_device = "cuda:1"``). The
+  report compares their median step with max(generation, training) of the synchronous run
+  (``ftcore`` / ``ftcore-eager``: training = median step - generation); the goal is <= 1.15x.
+
+    python benchmarks/grpo.py --configs ftcore,ftcore-async      # 2 GPUs: generation on the second
 
 On an H100/H200 with the wheels of scripts/fetch_gpu_wheels.sh:
 ``source scripts/gpu_setup.sh && python benchmarks/grpo.py``.
@@ -51,7 +58,7 @@ MODELS = {
         tie_word_embeddings=True,
     ),
 }  # fmt: skip
-CONFIGS = ("trl", "ftcore-eager", "ftcore")
+CONFIGS = ("trl", "ftcore-eager", "ftcore", "ftcore-async", "ftcore-eager-async")
 MAX_PROMPT = 256
 """Prompts longer than this (in tokens) are left out, on both sides."""
 
@@ -183,7 +190,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
     raw = {
         "plugins": ["grpo"],
         "model": {"base": str(model_dir), "init": "random",
-                  "dtype": "bfloat16" if torch.cuda.is_available() else "float32"},
+                  "dtype": "bfloat16" if torch.cuda.is_available() else "float32", "gradient_checkpointing": False},
         "datasets": [{"path": str(work / "prompts.jsonl"), "format": "prompt", "options": {"columns": ["answer"]}}],
         "data": {"shuffle": False, "cache_dir": str(work / "cache")},  # TRL's seeded sampler orders prompts
         "train": {
@@ -194,9 +201,14 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
         },
         "grpo": {
             "generation": "hf", "num_generations": args.group, "max_completion_length": args.completion_length,
-            "rewards": ["bench_rewards:reward"], "hf_compile": name == "ftcore", "log_completions_steps": 0,
+            "rewards": ["bench_rewards:reward"], "hf_compile": "eager" not in name, "log_completions_steps": 0,
         },
     }  # fmt: skip
+    if name.endswith("-async"):
+        raw["grpo"] |= {"async_prefetch": True, "prefetch_depth": 1}
+        if torch.cuda.device_count() > 1:
+            raw["grpo"]["hf_device"] = "cuda:1"
+        result["generation_device"] = raw["grpo"].get("hf_device", "the training GPU")
     config, plugins = validate_config(raw, base_dir=work)
     result["ftcore_config"] = raw
 
@@ -211,6 +223,9 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
     generation = [row["timing/generation_seconds"] for row in metrics if "timing/generation_seconds" in row]
     if generation:
         result["generation_s_per_step"] = generation[-1]
+    lags = [row["policy/version_lag_max"] for row in metrics if "policy/version_lag_max" in row]
+    if lags:
+        result["version_lag_max"] = lags[-1]
 
 
 def worker(args) -> None:
@@ -269,6 +284,20 @@ def report(results: list[dict], args) -> str:
                 f"- {r['config']} vs trl: {r['tokens_per_second'] / trl['tokens_per_second']:.2f}x completion "
                 f"tokens trained per second, {memory:.2f}x peak memory"
             )
+    for r in done:
+        sync = next((s for s in done if f"{s['config']}-async" == r["config"]), None)
+        if sync is None or "generation_s_per_step" not in sync:
+            continue
+        generation, training = (
+            sync["generation_s_per_step"],
+            sync["median_step_s"] - sync["generation_s_per_step"],
+        )
+        bound = max(generation, training)
+        lines.append(
+            f"- {r['config']} (generation on {r.get('generation_device', '?')}, lag {r.get('version_lag_max', '?')}): "
+            f"median step {r['median_step_s']:.2f} s; the synchronous {sync['config']}: generation {generation:.2f} s, "
+            f"training {training:.2f} s -> {r['median_step_s'] / bound:.2f}x max(generation, training) (goal <= 1.15)"
+        )
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ One real transformers experts module per model (its own class, at that model's l
 on one CUDA GPU, a top-k softmax routing of random router logits. LoRA goes on
 experts.gate_up_proj and experts.down_proj through peft's ``target_parameters``: eager and
 grouped_mm run peft's generic path (``W + s B A`` folded into the weight every forward),
-scattermoe the fused kernels. ``full`` trains the expert weights themselves (no adapter). Times
+scattermoe the fused kernels. ``full`` trains the expert weights themselves (no adapter): there
+``scattermoe`` is what the plugin runs by default (``[scattermoe] full_finetuning = "grouped_mm"``:
+transformers' grouped_mm) and ``scattermoe-kernels`` the kernels (``full_finetuning = "kernels"``). Times
 are medians of ``triton.testing.do_bench``; memory is the peak allocated during one
 forward+backward above what was allocated before it. Needs ftcore-scattermoe installed.
 """
@@ -119,8 +121,11 @@ def run_case(experts, name: str, tokens: int, rank: int | None, rep_ms: int) -> 
         forward().backward(grad_out)
 
     rows, outputs = [], {}
-    for implementation in IMPLEMENTATIONS:
-        experts.config._experts_implementation = implementation
+    for implementation in IMPLEMENTATIONS + (["scattermoe-kernels"] if rank is None else []):
+        experts.config._experts_implementation = implementation.removesuffix("-kernels")
+        experts.scattermoe_full_finetuning = (
+            "kernels" if implementation.endswith("-kernels") else "grouped_mm"
+        )
         fwd_ms, _ = measure(forward, leaves, rep_ms)
         step_ms, peak_mib = measure(forward_backward, leaves, rep_ms)
         for leaf in leaves:

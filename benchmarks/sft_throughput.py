@@ -124,17 +124,18 @@ LIGER_LOSS_ONLY = {"rms_norm": False, "rope": False, "swiglu": False, "fused_lin
 
 def liger_compile(every_n_layers: int | None = None) -> dict:
     """Liger's fused linear cross-entropy, compiled decoder layers, optionally every n-th layer checkpointed."""
-    model = {"compile": True}
+    model = {"compile": True, "gradient_checkpointing": bool(every_n_layers)}
     if every_n_layers:
-        model |= {"gradient_checkpointing": True, "checkpoint_every_n_layers": every_n_layers}
+        model |= {"checkpoint_every_n_layers": every_n_layers}
     return {"plugins": ["liger"], "liger": LIGER_LOSS_ONLY, "model": model}
 
 
 FTCORE = {
-    "ftcore-default": {},
-    "ftcore-compile": {"model": {"compile": True}},
-    "ftcore-liger": {"plugins": ["liger"]},
-    "ftcore-cce-compile": {"plugins": ["cce"], "model": {"compile": True}},
+    "ftcore-default": {},  # gradient checkpointing on, as in TRL's defaults
+    "ftcore-nockpt": {"model": {"gradient_checkpointing": False}},
+    "ftcore-compile": {"model": {"compile": True, "gradient_checkpointing": False}},
+    "ftcore-liger": {"plugins": ["liger"], "model": {"gradient_checkpointing": False}},
+    "ftcore-cce-compile": {"plugins": ["cce"], "model": {"compile": True, "gradient_checkpointing": False}},
     "ftcore-liger-compile": liger_compile(),
     "ftcore-liger-compile-ckpt": liger_compile(every_n_layers=1),
     "ftcore-liger-compile-ckpt2": liger_compile(every_n_layers=2),
@@ -172,6 +173,8 @@ def describe(name: str) -> str:
         for key, value in values.items():
             if value is True:
                 keys.append(f"{table}.{key}")
+            elif key == "gradient_checkpointing":
+                keys.append("no checkpointing")
             elif value is not False:
                 keys.append(f"{table}.{key}={value}")
     return "ftcore: " + (", ".join(keys) or "no tuning keys")

@@ -179,6 +179,7 @@ def test_editing_a_format_s_code_changes_the_fingerprint(tmp_path, monkeypatch):
 
 
 MODEL_LOADING = (
+    "torch",  # the stories260K tokenizer is generic: loaded without AutoTokenizer, whose module imports torch
     "transformers.modeling_utils",
     "transformers.trainer",
     "transformers.conversion_mapping",
@@ -207,13 +208,23 @@ def test_preprocess_imports_no_model_loading_code(tmp_path):
 @pytest.mark.parametrize(
     "model_type, tokenizer_class",
     [("llama", "PreTrainedTokenizerFast"), ("llama", "LlamaTokenizerFast"), ("llama", None),
-     ("qwen3", "Qwen2TokenizerFast"), ("mistral", "LlamaTokenizer"), ("gpt2", "GPT2TokenizerFast")],
+     ("qwen3", "Qwen2TokenizerFast"), ("mistral", "LlamaTokenizer"), ("gpt2", "GPT2TokenizerFast"),
+     ("llama", "TokenizersBackend"), ("qwen2", "PreTrainedTokenizerFast"), ("qwen2_moe", "PreTrainedTokenizerFast"),
+     ("qwen3", "PreTrainedTokenizerFast"), ("qwen3_moe", "TokenizersBackend"), ("phi3", "PreTrainedTokenizerFast")],
 )  # fmt: skip
 def test_tokenizer_loads_as_with_the_real_model_config(tmp_path, model_type, tokenizer_class):
-    """``load_tokenizer`` hands AutoTokenizer a stand-in for the model config: the same tokenizer results."""
+    """``load_tokenizer`` hands AutoTokenizer a stand-in for the model config, or loads a generic
+    tokenizer directly: the same tokenizer results as AutoTokenizer with the real config."""
     from ftcore.data.cache import tokenizer_digest
-    from ftcore.model import config_stand_in, load_tokenizer
+    from ftcore.model import (
+        GENERIC_TOKENIZER_CLASSES,
+        GENERIC_TOKENIZER_MODEL_TYPES,
+        config_stand_in,
+        generic_tokenizer_folder,
+        load_tokenizer,
+    )
     from transformers import AutoTokenizer
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     folder = tmp_path / "model"
     shutil.copytree(stories_model(), folder)
@@ -226,9 +237,11 @@ def test_tokenizer_loads_as_with_the_real_model_config(tmp_path, model_type, tok
     (folder / "config.json").write_text(json.dumps(model_config))
     config, _ = data_config(tmp_path, [])
     config.model.base = str(folder)
-    assert type(config_stand_in(str(folder), config.model)).__name__ == f"{model_type.title()}Config".replace(
-        "Gpt2", "GPT2"
-    )
+    assert type(config_stand_in(str(folder), config.model)).__name__ == CONFIG_MAPPING_NAMES[model_type]
+    direct = model_type in GENERIC_TOKENIZER_MODEL_TYPES and tokenizer_class in GENERIC_TOKENIZER_CLASSES
+    assert (
+        generic_tokenizer_folder(str(folder), config.model) is direct
+    )  # TokenizersBackend without AutoTokenizer
     expected = AutoTokenizer.from_pretrained(folder)
     expected.pad_token = expected.eos_token
     loaded = load_tokenizer(config)

@@ -158,6 +158,23 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process_and_resume(tmp_pat
     assert (tmp_path / "fsdp" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_a_run_that_diverges_on_two_processes_exits_with_code_3(tmp_path):
+    """torchrun exits 1 whatever its workers' codes; the launcher reports theirs."""
+    path = write_run(tmp_path, "diverged", micro_batch_size=1)
+    path.write_text('plugins = ["inhouse.run_control"]\n' + path.read_text())
+    inhouse = str(Path(__file__).parent / "inhouse_plugins")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FTCORE_TEST_NAN_STEPS": "2-5",
+        "PYTHONPATH": os.pathsep.join(filter(None, [inhouse, os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run([*CLI, "run", str(path), "--nproc", "2"], capture_output=True, text=True, env=env)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training diverged: non-finite gradients at step 2" in result.stderr
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ddp_and_fsdp2_on_two_gpus_match_one_gpu(tmp_path):

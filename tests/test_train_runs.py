@@ -146,7 +146,7 @@ def test_logged_loss_does_not_depend_on_gradient_accumulation(tmp_path):
 def test_checkpointing_every_second_layer_trains_the_same_losses(tmp_path):
     runs = {}
     for name, model in (
-        ("plain", ""),
+        ("plain", "gradient_checkpointing = false"),
         ("every2", "gradient_checkpointing = true\ncheckpoint_every_n_layers = 2"),
     ):
         run_dir = tmp_path / name
@@ -355,3 +355,19 @@ learning_rate = 1e-4
     resumed = run_training(config, plugins, resume=True)
     assert resumed.global_step == 4
     assert resumed.stash["online_rl"] == {"scored": 8 + 2 * 4}  # restored at step 2, then two more steps
+
+
+def test_resuming_a_finished_run_trains_nothing_and_writes_its_final_model(tmp_path):
+    from safetensors.torch import load_file
+
+    path = alpaca_config(tmp_path, extra_train="max_steps = 3\nsave_steps = 3")
+    config, plugins = load_config(path)
+    out = run_training(config, plugins).output_dir
+    weights, rows = load_file(out / "model.safetensors"), read_metrics(out)
+    (out / "model.safetensors").unlink()  # as if the final save had been lost
+    config, plugins = load_config(path)
+    result = run_training(config, plugins, resume=True)
+    assert result.global_step == 3 and read_metrics(out) == rows  # not a step past max_steps
+    assert [p.name for p in complete_checkpoints(out)] == ["step-000003"]
+    reloaded = load_file(out / "model.safetensors")
+    assert weights.keys() == reloaded.keys() and all(torch.equal(weights[k], reloaded[k]) for k in weights)

@@ -58,6 +58,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
 def checkpoint_problems(checkpoint: Path) -> list[str]:
     """What is wrong with a complete checkpoint: required files missing, or files that are missing,
     truncated or changed since its manifest was written (absent optimizer or scheduler state is

@@ -22,12 +22,21 @@ class FtcoreGroup(click.Group):
             if ctx.params.get("debug"):
                 raise
             click.secho(f"error: {exc}", fg="red", err=True)
-            ctx.exit(exc.exit_code)
+            _exit(ctx, exc.exit_code)
         except OSError as exc:  # a path the user gave or a disk they filled: unreadable, read-only, full
             if ctx.params.get("debug") or exc.filename is None:
                 raise
             click.secho(f"error: {exc.filename}: {exc.strerror}", fg="red", err=True)
-            ctx.exit(2)
+            _exit(ctx, 2)
+
+
+def _exit(ctx, code: int):
+    """Exit with ``code``; a worker of ``ftcore run --nproc`` also leaves it for its launcher (torchrun
+    itself exits 1 whatever its workers' codes were)."""
+    from ftcore.distributed import record_exit_code
+
+    record_exit_code(code)
+    ctx.exit(code)
 
 
 overrides_option = click.option(

@@ -108,7 +108,9 @@ class ModelSection(Section):
     )
     trust_remote_code: bool = Field(False, description="Run model code from the hub; off by default.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward to save memory."
+        True,
+        description="Recompute activations in backward to save memory (on by default, as in TRL; false is "
+        "faster when the activations fit).",
     )
     use_reentrant: bool = Field(
         False, description="Reentrant gradient checkpointing (torch.utils.checkpoint)."

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from ftcore.errors import ConfigError
@@ -81,17 +82,34 @@ def check_nproc(config, nproc: int) -> None:
         )
 
 
+EXIT_CODES_ENV = "FTCORE_EXIT_CODES"
+"""A folder the launcher makes: a worker that stops on a user error or divergence writes its exit code there."""
+
+
 def launch(config, config_path, argv: list[str], nproc: int) -> int:
-    """Run this ``ftcore run`` command on ``nproc`` processes through torchrun; returns its exit code."""
+    """Run this ``ftcore run`` command on ``nproc`` processes through torchrun; returns the exit code:
+    the workers' own (2 for a user error, 3 for a diverged run, the larger if they differ), else torchrun's."""
+    import tempfile
+
     check_nproc(config, nproc)
     command = launch_command(config, argv, nproc)
-    env = {**os.environ, "FTCORE_LAUNCHED": "1"}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print(
-        f"ftcore: launching {nproc} processes on node {config.distributed.node_rank} for {config_path}",
-        flush=True,
-    )
-    return subprocess.call(command, env=env)
+    with tempfile.TemporaryDirectory(prefix="ftcore-exit-") as codes:
+        env = {**os.environ, "FTCORE_LAUNCHED": "1", EXIT_CODES_ENV: codes}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        print(
+            f"ftcore: launching {nproc} processes on node {config.distributed.node_rank} for {config_path}",
+            flush=True,
+        )
+        code = subprocess.call(command, env=env)
+        recorded = [int(path.read_text()) for path in Path(codes).iterdir()]
+    return max(recorded) if code and recorded else code
+
+
+def record_exit_code(code: int) -> None:
+    """In a worker started by ``launch``: leave this process's exit code for the launcher."""
+    folder = os.environ.get(EXIT_CODES_ENV)
+    if folder and Path(folder).is_dir():
+        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
 def quiet_replica() -> None:

@@ -9,6 +9,7 @@ loader is the built-in, last implementation) -> resize embeddings for added toke
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -68,15 +69,20 @@ def load_tokenizer(config: Config):
 
     Loads no model weights (``ftcore preprocess`` uses it alone).
     """
-    from transformers import AutoTokenizer
-
     model = config.model
     key = "model.tokenizer" if model.tokenizer else "model.base"
     source = check_model_ref(model.tokenizer or model.base, key, config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=model.trust_remote_code, config=config_stand_in(source, model)
-        )
+        if generic_tokenizer_folder(source, model):
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+            tokenizer = TokenizersBackend.from_pretrained(source)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=model.trust_remote_code, config=config_stand_in(source, model)
+            )
     except (OSError, ValueError) as exc:
         raise _load_error(source, key, config, exc) from None
     if model.chat_template:
@@ -96,6 +102,33 @@ def load_tokenizer(config: Config):
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+GENERIC_TOKENIZER_MODEL_TYPES = ("llama", "qwen2_moe", "qwen3", "qwen3_moe")
+"""Model types for which ``AutoTokenizer`` loads a folder that names a generic tokenizer class as
+that generic class (``TokenizersBackend``); ``tests/test_data_cache.py`` checks each against it."""
+
+
+def generic_tokenizer_folder(source: str, model) -> bool:
+    """True when ``source`` is a local folder whose tokenizer ``AutoTokenizer`` would load as the
+    generic ``TokenizersBackend``: a ``tokenizer.json``, a generic ``tokenizer_class``, no remote code,
+    and a model type of ``GENERIC_TOKENIZER_MODEL_TYPES``. Loading that class directly skips
+    ``AutoTokenizer``'s module, which imports torch (seconds of start-up for ``ftcore preprocess``)."""
+    folder = Path(source)
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        not model.trust_remote_code
+        and (folder / "tokenizer.json").is_file()
+        and settings.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES
+        and "auto_map" not in settings
+        and "auto_map" not in values
+        and values.get("model_type") in GENERIC_TOKENIZER_MODEL_TYPES
+    )
 
 
 def config_stand_in(source: str, model) -> Any:

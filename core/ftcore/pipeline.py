@@ -88,6 +88,7 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
         StopSignalCallback,
         barrier,
         check_resumable,
+        checkpoint_step,
         latest_checkpoint,
         remove_incomplete,
         restore_plugin_state,
@@ -138,7 +139,15 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
             return save_checkpoint(*args, **kwargs)
 
     trainer._save_checkpoint = guarded_save_checkpoint
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and 0 < config.train.max_steps <= checkpoint_step(checkpoint):
+        # transformers would train one step past max_steps; a finished run only needs its final model
+        print(f"ftcore: {checkpoint.name} is at train.max_steps ({config.train.max_steps}): nothing left to "
+              "train; the final model is written from it")  # fmt: skip
+        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.state.global_step = checkpoint_step(checkpoint)
+        metrics = {}
+    else:
+        metrics = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics
     callbacks = trainer.callback_handler.callbacks
     stop = next(cb for cb in callbacks if isinstance(cb, StopSignalCallback))
     diverged = next(cb for cb in callbacks if isinstance(cb, DivergenceCallback)).reason
@@ -155,7 +164,7 @@ def _train(config, plugins, *, resume: bool, overwrite: bool, force: bool):
     result = RunResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
-        metrics=dict(output.metrics),
+        metrics=dict(metrics),
         interrupted=interrupted,
         model=trainer.model,
         stash=run.stash,

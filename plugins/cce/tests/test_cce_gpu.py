@@ -54,9 +54,11 @@ def test_bf16_loss_and_grads_match_stock_model(architecture, variant):
     ref_loss, ref_grads = backward(model, model(**batch, num_items_in_batch=num_items).loss)
     base_loss, base_grads = backward(bf16, bf16(**batch, num_items_in_batch=num_items).loss)
 
-    plugins.hook.before_model_load(config=config, model_config=model.config)
-    plugins.hook.after_model_load(config=config, model=bf16)
-    loss = plugins.hook.compute_loss(config=config, model=bf16, batch=batch, num_items_in_batch=num_items)
+    plugins.hook.before_model_load(config=config, model_config=model.config, run=None)
+    plugins.hook.after_model_load(config=config, model=bf16, run=None)
+    loss = plugins.hook.compute_loss(
+        config=config, model=bf16, batch=batch, num_items_in_batch=num_items, run=None
+    )
     cce_loss, cce_grads = backward(bf16, loss)
 
     base_error, cce_error = relative_error(base_grads, ref_grads), relative_error(cce_grads, ref_grads)

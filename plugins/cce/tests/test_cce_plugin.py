@@ -57,10 +57,10 @@ def grads_of(model):
 def assert_matches_model_loss(model, batch, num_items_in_batch, **cce):
     """The plugin's loss and gradients equal those of the model's own loss."""
     config, plugins = cce_config(impl="torch_compile", **cce)
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model, run=None)
     model.train()
     loss = plugins.hook.compute_loss(
-        config=config, model=model, batch=batch, num_items_in_batch=num_items_in_batch
+        config=config, model=model, batch=batch, num_items_in_batch=num_items_in_batch, run=None
     )
     loss.backward()
     grads = grads_of(model)
@@ -113,7 +113,7 @@ def test_missing_package_is_a_clear_error(monkeypatch):
 def test_cce_impl_without_cuda_is_an_error_before_loading():
     config, plugins = cce_config()
     with pytest.raises(PluginError, match='needs a CUDA GPU.*impl = "torch_compile"'):
-        plugins.hook.before_model_load(config=config, model_config=tiny_model("llama").config)
+        plugins.hook.before_model_load(config=config, model_config=tiny_model("llama").config, run=None)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
@@ -168,10 +168,13 @@ def test_reduction_sum_and_eval_logits():
     assert_matches_model_loss(model, batch, torch.tensor(1), reduction="sum")
     config, plugins = cce_config(impl="torch_compile", keep_eval_logits=True)
     model.eval()
-    assert plugins.hook.compute_loss(config=config, model=model, batch=batch, num_items_in_batch=None) is None
+    assert (
+        plugins.hook.compute_loss(config=config, model=model, batch=batch, num_items_in_batch=None, run=None)
+        is None
+    )
     model.train()
     assert (
-        plugins.hook.compute_loss(config=config, model=model, batch=batch, num_items_in_batch=None)
+        plugins.hook.compute_loss(config=config, model=model, batch=batch, num_items_in_batch=None, run=None)
         is not None
     )
 
@@ -182,7 +185,9 @@ def test_unknown_logit_transform_fails_loudly():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("granite", **TINY_TEXT, logits_scaling=4.0))
     config, plugins = cce_config(impl="torch_compile")
     with pytest.raises(PluginError, match="GraniteForCausalLM.forward changes the logits"):
-        plugins.hook.compute_loss(config=config, model=model, batch=batch_for(model), num_items_in_batch=None)
+        plugins.hook.compute_loss(
+            config=config, model=model, batch=batch_for(model), num_items_in_batch=None, run=None
+        )
 
 
 def test_models_the_loss_cannot_serve_fail_at_load():
@@ -191,12 +196,14 @@ def test_models_the_loss_cannot_serve_fail_at_load():
 
     config, plugins = cce_config(impl="torch_compile")
     with pytest.raises(PluginError, match="LlamaModel has no output layer"):
-        plugins.hook.after_model_load(config=config, model=AutoModel.from_config(tiny_model("llama").config))
+        plugins.hook.after_model_load(
+            config=config, model=AutoModel.from_config(tiny_model("llama").config), run=None
+        )
     lora_on_head = peft.get_peft_model(
         tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
     )
     with pytest.raises(PluginError, match="wrapped by a peft adapter"):
-        plugins.hook.after_model_load(config=config, model=lora_on_head)
+        plugins.hook.after_model_load(config=config, model=lora_on_head, run=None)
     phi = AutoModelForCausalLM.from_config(AutoConfig.for_model("phi", **TINY_TEXT))
     with pytest.raises(PluginError, match="has a bias"):
-        plugins.hook.after_model_load(config=config, model=phi)
+        plugins.hook.after_model_load(config=config, model=phi, run=None)

@@ -20,7 +20,10 @@ class GRPOSection(Section):
     )
     vllm: VLLMSection = Field(default_factory=VLLMSection, description="The vLLM server (generation = vllm).")
     sync_interval: int = Field(
-        1, ge=1, description="Push the trained weights (or adapter) to vLLM every N optimizer steps."
+        1,
+        ge=1,
+        description="Push the trained weights (or adapter) to vLLM, or to the generating copy of an async hf run, "
+        "every N optimizer steps.",
     )
     num_generations: int = Field(8, ge=2, description="Completions per prompt (the group size G).")
     num_iterations: int = Field(
@@ -108,10 +111,92 @@ class GRPOSection(Section):
         "(compiles once per prompt-length bucket); ignored on CPU.",
     )
 
+    async_prefetch: bool = Field(
+        False,
+        description="Generate (and score) the next prefetch_depth batches in a background thread while this one "
+        "trains; completions may then come from weights up to a few steps old (see importance_sampling).",
+    )
+    prefetch_depth: int = Field(
+        1,
+        ge=0,
+        description="async_prefetch: batches generated ahead of the one training (0 = generate in the background "
+        "thread, but only the batch about to train: no staleness).",
+    )
+    hf_device: str | None = Field(
+        None,
+        description="async_prefetch with generation = hf: the device of the generating copy of the policy, e.g. "
+        '"cuda:1" (default: the policy\'s device).',
+    )
+    importance_sampling: Literal["token", "sequence", "off"] | None = Field(
+        None,
+        description="Correct for the generator's log-probs differing from the trainer's (staleness, kernels): weight "
+        "each token's loss by rho = p_trainer / p_generator per token, or by the sequence's rho; off = no "
+        "correction (default: token with async_prefetch, else off). Needs log-probs from the generator.",
+    )
+    importance_sampling_mode: Literal["truncate", "mask"] = Field(
+        "truncate",
+        description="truncate: use min(rho, cap); mask: drop tokens (or sequences) whose rho exceeds the cap.",
+    )
+    importance_sampling_cap: float = Field(
+        2.0, gt=0, description="The cap C of the importance-sampling ratio."
+    )
+    importance_sampling_kl: bool = Field(
+        False,
+        description="beta > 0: weight the KL term's tokens by the same correction, times the current-to-old "
+        "ratio, so that it estimates the KL of the trainer's policy although another one sampled.",
+    )
+    off_policy_mask_threshold: float | None = Field(
+        None,
+        gt=0,
+        description="Off-policy sequence masking: leave out sequences with a negative advantage whose mean "
+        "per-token KL from the generator's to the trainer's log-probs exceeds this (e.g. 0.5); None = off.",
+    )
+    streaming_groups: int = Field(
+        0,
+        ge=0,
+        description="Generate n prompt groups at a time and score each chunk while the next one generates "
+        "(0 = the whole batch in one request).",
+    )
+    replay_buffer_size: int = Field(
+        0,
+        ge=0,
+        description="Keep up to N prompt groups whose rewards varied and put them in the place of groups whose "
+        "rewards did not (no learning signal) in later batches, newest first, each once (0 = off).",
+    )
+    replay_recompute_logps: bool = Field(
+        True,
+        description="Replayed groups: take the generator log-probs as the trainer's current ones (no "
+        "importance-sampling correction of their age); false = correct them against their generator's.",
+    )
+    reroll_start_fraction: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Once this share of the training steps is done, prompts whose whole group scored 0 are "
+        "generated again in later batches (1.0 = never).",
+    )
+    reroll_max_groups: int = Field(
+        1,
+        ge=1,
+        description="Re-rolled prompt groups at most per batch (they replace the batch's last groups).",
+    )
+    skip_zero_advantage_batches: bool = Field(
+        True,
+        description="Skip forward and backward of micro-batches whose advantages are all zero (with beta = 0 "
+        "their loss and gradient are exactly zero); counted in skipped_zero_adv_batches.",
+    )
+
     @field_validator("scale_rewards", mode="before")
     @classmethod
     def _bool_scale(cls, value):
         return {True: "group", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+
+def importance_sampling(grpo) -> str:
+    """The importance-sampling level in effect: the key, or its default (token with async_prefetch)."""
+    if grpo.importance_sampling is not None:
+        return grpo.importance_sampling
+    return "token" if grpo.async_prefetch else "off"
 
 
 def check(config) -> None:
@@ -156,6 +241,12 @@ def check(config) -> None:
             f"evaluation samples whole groups per micro-batch: micro_batch_size ({train.micro_batch_size}) must be "
             f"a multiple of num_generations ({grpo.num_generations})",
             key="train.micro_batch_size",
+        )
+    if grpo.hf_device is not None and not (grpo.async_prefetch and grpo.generation == "hf"):
+        raise ConfigError(
+            "hf_device places the generating copy of the policy of an async hf run: set async_prefetch = true "
+            'and generation = "hf", or remove hf_device',
+            key="grpo.hf_device",
         )
     if grpo.max_completion_length >= train.sequence_len:
         raise ConfigError(

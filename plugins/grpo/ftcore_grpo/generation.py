@@ -22,19 +22,22 @@ implement it. The contract, which both backends keep:
   steps, with the trainer's unwrapped model (a peft model under LoRA: sync the adapter; else the
   full weights). It returns once later ``generate`` calls use the new weights. ``close()``
   releases what the backend holds (idempotent); the trainer calls it when training ends.
-- The async trainer (next issue) calls ``generate`` from one background producer thread while
-  ``sync_weights`` runs on the training thread; backends must tolerate that (the hf backend
-  samples from the live model, so there it is run synchronously).
+- With ``async_prefetch`` the trainer calls ``generate`` from one background producer thread while
+  ``sync_weights`` runs on the training thread; backends must tolerate that. The hf backend then
+  samples from its own copy of the policy (``BackgroundHFGenerator``), which a lock keeps from
+  being updated mid-generation.
 
-``build_generator(config, model, tokenizer, output_dir)`` picks the backend of
-``[grpo] generation``; for ``"vllm"`` it calls
+``build_generator(config, model, tokenizer, output_dir, device=None)`` picks the backend of
+``[grpo] generation`` (``device``: the policy's training device); for ``"vllm"`` it calls
 ``ftcore_grpo.vllm.VLLMGenerator(config=..., model=..., tokenizer=..., output_dir=...)``.
 ``SamplingParams.top_k = 0`` and ``min_p = 0.0`` mean "off".
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -83,13 +86,17 @@ class Generator(Protocol):
         """Release the backend's resources."""
 
 
-def build_generator(config, model, tokenizer, output_dir: Path) -> Generator:
+def build_generator(config, model, tokenizer, output_dir: Path, device=None) -> Generator:
     """The backend that ``[grpo] generation`` names."""
-    if config.grpo.generation == "vllm":
+    grpo = config.grpo
+    if grpo.generation == "vllm":
         from ftcore_grpo.vllm import VLLMGenerator
 
         return VLLMGenerator(config=config, model=model, tokenizer=tokenizer, output_dir=output_dir)
-    return HFGenerator(model, tokenizer, batch_size=config.grpo.hf_batch_size, compile=config.grpo.hf_compile)
+    options = dict(batch_size=grpo.hf_batch_size, compile=grpo.hf_compile)
+    if grpo.async_prefetch:
+        return BackgroundHFGenerator(model, tokenizer, device=grpo.hf_device or device, **options)
+    return HFGenerator(model, tokenizer, **options)
 
 
 class HFGenerator:
@@ -140,7 +147,8 @@ class HFGenerator:
         rows = [ids for ids in prompt_ids for _ in range(n)]
         step = self.batch_size or len(rows)
         seeded = sampling.seed is not None
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        device = next(self.model.parameters()).device
+        devices = [device] if device.type == "cuda" else []
         flat: list[Completion] = []
         with torch.random.fork_rng(devices=devices, enabled=seeded):
             if seeded:
@@ -230,6 +238,41 @@ class HFGenerator:
             if found:
                 return index + 1, "stop", prefix[: min(found)]
         return end, reason, text
+
+
+class BackgroundHFGenerator(HFGenerator):
+    """The hf backend of async prefetch: samples from its own frozen copy of the policy (on
+    ``device``, e.g. a second GPU), so that a background thread generates while the policy trains.
+
+    ``sync_weights`` copies the trainable weights (the adapter under LoRA) into the copy. A lock
+    makes a sync wait for a generation in progress, so each completion comes from one version.
+    Make it before the trainer patches the model (TRL's fused LM head).
+    """
+
+    def __init__(self, model, tokenizer, *, device=None, **kwargs):
+        replica = copy.deepcopy(model).requires_grad_(False).eval()
+        if device is not None:
+            replica.to(device)
+        super().__init__(replica, tokenizer, **kwargs)
+        self._lock = threading.Lock()
+
+    def generate(self, prompt_ids, n, sampling):
+        with self._lock:
+            return super().generate(prompt_ids, n, sampling)
+
+    def sync_weights(self, model, version: int) -> None:
+        import torch
+
+        sources = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        with self._lock, torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in sources:
+                    param.copy_(sources.pop(name))
+            self.version = version
+        if sources:
+            raise RuntimeError(
+                f"grpo: the generating copy of the policy has no parameter {next(iter(sources))!r}"
+            )
 
 
 class _SamplingProcessor:

@@ -34,6 +34,7 @@ def grpo_arguments(config) -> dict:
         loss_type=grpo.loss_type,
         scale_rewards=grpo.scale_rewards,
         mask_truncated_completions=False,  # ftcore masks by finish reason (stop strings are not truncation)
+        off_policy_mask_threshold=grpo.off_policy_mask_threshold,
         reward_weights=list(grpo.reward_weights) if grpo.reward_weights else None,
         multi_objective_aggregation=grpo.reward_aggregation,
         chat_template_kwargs=template_kwargs(config),
@@ -89,7 +90,7 @@ class GRPOMethod:
             )
         )
         ref_model = reference_model(run)
-        generator = build_generator(config, run.model, run.tokenizer, run.output_dir)
+        generator = build_generator(config, run.model, run.tokenizer, run.output_dir, device=args.device)
         scorer = RewardScorer(rewards, workers=config.grpo.reward_workers, timeout=config.grpo.reward_timeout)
         producer = self.producer(run, generator, scorer, sampling_params(config))
         return FtcoreGRPOTrainer(
@@ -119,7 +120,14 @@ class GRPOMethod:
         if supplied is not None:
             return supplied
         rank = int(os.environ.get("RANK", "0"))
-        return RolloutProducer(generator, scorer, sampling, seed=run.config.train.seed, rank=rank)
+        return RolloutProducer(
+            generator,
+            scorer,
+            sampling,
+            seed=run.config.train.seed,
+            rank=rank,
+            streaming_groups=run.config.grpo.streaming_groups,
+        )
 
     def preview(self, config, plugins, tokenizer, n: int, *, color: bool = False) -> list[str]:
         """What ``ftcore preprocess --show N`` prints: N templated prompts, then a summary."""

@@ -37,17 +37,14 @@ def validate_config(config):
 
 
 @hookimpl
-def checkpoint_state(config):
-    from ftcore_grpo import state
-
-    return state.checkpoint_state(config)
+def checkpoint_state(run):
+    rollout_state = getattr(run.trainer, "rollout_state", None)
+    return rollout_state() if rollout_state is not None else None
 
 
 @hookimpl
-def restore_checkpoint_state(config, state):
-    from ftcore_grpo import state as run_state
-
-    run_state.restore(config, state)
+def restore_checkpoint_state(state, run):
+    run.stash.setdefault("grpo", {})["checkpoint"] = state  # the trainer reads it when it is built
 
 
 @hookimpl

@@ -1,7 +1,8 @@
 """The rollout producer: prompt rows in, generated and scored completions out.
 
 ``RolloutProducer.produce(rows, index)`` is everything that happens between the data and the
-loss: one ``generate`` call (n completions per prompt group) and one scoring pass. It touches no
+loss: one ``generate`` call (n completions per prompt group) and one scoring pass, or, with
+``streaming_groups``, one of each per chunk of groups, scoring overlapping generation. It touches no
 trainer state, so the async trainer can run it for the next batch in a background thread while
 the current one trains; ``index`` (the rollout's position in the run) seeds its sampling, so a
 resumed run draws the same random numbers for the same rollout.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,7 +54,12 @@ def rollout_seed(seed: int, index: int, rank: int = 0) -> int:
 
 
 class RolloutProducer:
-    """Generates ``n`` completions per prompt group with ``generator`` and scores them with ``scorer``."""
+    """Generates ``n`` completions per prompt group with ``generator`` and scores them with ``scorer``.
+
+    ``streaming_groups = k``: generate k prompt groups at a time and score each chunk (in a helper
+    thread) while the next one generates; chunk c samples with seed + c. Rewards then run in that
+    thread, or in the reward workers.
+    """
 
     def __init__(
         self,
@@ -62,40 +69,70 @@ class RolloutProducer:
         *,
         seed: int,
         rank: int = 0,
+        streaming_groups: int = 0,
     ):
         self.generator, self.scorer, self.sampling = generator, scorer, sampling
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.streaming_groups = seed, rank, streaming_groups
 
     def produce(self, rows: list[dict[str, Any]], index: int) -> Rollout:
         groups = prompt_groups(rows)
-        sizes = {end - start for start, end in groups}
-        sampling = replace(self.sampling, seed=rollout_seed(self.seed, index, self.rank))
+        seed = rollout_seed(self.seed, index, self.rank)
+        per_chunk = self.streaming_groups or len(groups)
+        chunks = [groups[i : i + per_chunk] for i in range(0, len(groups), per_chunk)]
         started = time.perf_counter()
-        if len(sizes) == 1:  # whole groups: one request of n per prompt
-            prompts = [rows[start]["prompt_ids"] for start, _ in groups]
-            nested = self.generator.generate(prompts, sizes.pop(), sampling)
-        else:  # uneven runs (a group split across processes): one completion per row
-            nested = self.generator.generate([row["prompt_ids"] for row in rows], 1, sampling)
-        completions = [completion for per_prompt in nested for completion in per_prompt]
-        generation_seconds = time.perf_counter() - started
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ROW_KEYS}
-        columns["prompts"] = [row["prompt"] for row in rows]
-        columns["completion_ids"] = [c.token_ids for c in completions]
-        scores = self.scorer.score(
-            [c.text for c in completions],
-            groups,
-            columns,
-            {"max_completion_length": self.sampling.max_tokens},
-        )
+        with ThreadPoolExecutor(1, thread_name_prefix="ftcore-grpo-scoring") as scoring:
+            scored = []
+            for c, chunk in enumerate(chunks):
+                generated = self._generate(rows, chunk, seed + c)
+                chunk_rows = rows[chunk[0][0] : chunk[-1][1]]
+                if len(chunks) == 1:  # nothing to overlap: score on this thread
+                    generation_seconds = time.perf_counter() - started
+                    scored.append((generated, self._score(chunk_rows, generated)))
+                else:
+                    scored.append((generated, scoring.submit(self._score, chunk_rows, generated)))
+            if len(chunks) > 1:
+                generation_seconds = time.perf_counter() - started
+                scored = [(generated, future.result()) for generated, future in scored]
+        completions, rewards, failures, scoring_seconds = [], [], {}, 0.0
+        for generated, scores in scored:
+            completions += generated
+            rewards += scores.values
+            scoring_seconds += scores.seconds
+            for name, count in scores.failures.items():
+                failures[name] = failures.get(name, 0) + count
         return Rollout(
             index=index,
             rows=rows,
             completions=completions,
-            rewards=scores.values,
-            failures=scores.failures,
+            rewards=rewards,
+            failures=failures,
             groups=groups,
             generation_seconds=generation_seconds,
-            scoring_seconds=scores.seconds,
+            scoring_seconds=scoring_seconds,
+        )
+
+    def _generate(
+        self, rows: list[dict[str, Any]], groups: list[tuple[int, int]], seed: int
+    ) -> list[Completion]:
+        sampling = replace(self.sampling, seed=seed)
+        sizes = {end - start for start, end in groups}
+        if len(sizes) == 1:  # whole groups: one request of n per prompt
+            prompts = [rows[start]["prompt_ids"] for start, _ in groups]
+            nested = self.generator.generate(prompts, sizes.pop(), sampling)
+        else:  # uneven runs (a group split across processes): one completion per row
+            chunk = rows[groups[0][0] : groups[-1][1]]
+            nested = self.generator.generate([row["prompt_ids"] for row in chunk], 1, sampling)
+        return [completion for per_prompt in nested for completion in per_prompt]
+
+    def _score(self, rows: list[dict[str, Any]], completions: list[Completion]):
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ROW_KEYS}
+        columns["prompts"] = [row["prompt"] for row in rows]
+        columns["completion_ids"] = [c.token_ids for c in completions]
+        return self.scorer.score(
+            [c.text for c in completions],
+            prompt_groups(rows),
+            columns,
+            {"max_completion_length": self.sampling.max_tokens},
         )
 
     def close(self) -> None:

@@ -7,7 +7,11 @@ GDPO aggregation, ``scale_rewards``, ``None`` rewards excluded), the clipped los
 ``loss_type`` with its KL, clip-ratio and entropy metrics. ftcore adds: the ``Generator``
 backends with weight sync every ``sync_interval`` steps and policy versions, stop strings, reward
 workers with timeouts, truncation by finish reason, per-step rollout metrics, completions.jsonl,
-a frozen-copy reference under full fine-tuning, and resume at the right rollout.
+a frozen-copy reference under full fine-tuning, resume at the right rollout, async prefetch
+(``ftcore_grpo.prefetch``), importance-sampling correction against the generator's log-probs
+(``ftcore_grpo.importance``: folded into per-token advantages, which TRL's losses accept) and the
+skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``).
+The checkpoint state (``rollout_state``) comes back on ``--resume`` through ``run.stash["grpo"]``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from ftcore.train import remove_default_printer
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from ftcore_grpo import state
+from ftcore_grpo import importance
+from ftcore_grpo.config import importance_sampling
+from ftcore_grpo.prefetch import AsyncRollouts, RolloutPlan
+from ftcore_grpo.replay import Replay
 from ftcore_grpo.rollout import Rollout, RolloutProducer
 
 log = logging.getLogger("ftcore.grpo")
@@ -56,9 +63,17 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self._aligned = False
         self._eval_rollouts = 0
         self._next_completions_log = 0
-        self.restored_state: dict | None = None
+        self.restored_state: dict | None = ftcore_run.stash.get("grpo", {}).get("checkpoint")
+        self.prefetch = self._async_rollouts() if ftcore_run.config.grpo.async_prefetch else None
+        self._skipped_in_step = 0
+        grpo = self.grpo
+        self.replay = Replay(grpo.replay_buffer_size, grpo.reroll_start_fraction, grpo.reroll_max_groups)
+        if self.restored_state and "replay" in self.restored_state:
+            self.replay.load_state_dict(self.restored_state["replay"])
+        self._replayed: list[bool] = []
+        self._policy_logps: torch.Tensor | None = None
+        self._loss_inputs: dict | None = None
         remove_default_printer(self)
-        state.attach(self.ftcore_config, self)
 
     def _send_telemetry(self):
         """ftcore reports nothing by default; TRL's usage ping stays off."""
@@ -109,6 +124,8 @@ class FtcoreGRPOTrainer(GRPOTrainer):
 
     def evaluate(self, *args, **kwargs):
         self._eval_rollouts = 0  # every evaluation samples with the same seeds
+        if self.prefetch is not None:  # the generator and the reward workers are the evaluation's now
+            self.prefetch.cancel()
         return super().evaluate(*args, **kwargs)
 
     # -- rollouts: the producer generates and scores; TRL turns them into tensors and advantages
@@ -117,22 +134,69 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         training = self.model.training
         if training:
             self._sync_generator()
-            index = self.rollout_index()
+            rollout = self._take_rollout(inputs, self.rollout_index())
+            self._replayed = []
+            if self._whole_groups(rollout.rows) and self.replay.active:
+                weights = self.reward_weights.tolist()
+                rollout, self._replayed = self.replay.apply(rollout, weights, self.num_generations)
+                self._metrics["train"]["replayed_groups"].append(sum(self._replayed) / self.num_generations)
         else:
             self._eval_rollouts += 1
-            index = -self._eval_rollouts
-        self._rollout = self.last_rollout = self.producer.produce(inputs, index)
+            if self.prefetch is not None:  # one thread generates (a compiled decode step is per thread)
+                rollout = self.prefetch.call(self.producer.produce, inputs, -self._eval_rollouts)
+            else:
+                rollout = self.producer.produce(inputs, -self._eval_rollouts)
+        self._rollout = self.last_rollout = rollout
         try:
             output = super()._generate_and_score_completions(inputs)
-            self._after_rollout(self._rollout, output, "train" if training else "eval")
+            mode = "train" if training else "eval"
+            self._after_rollout(self._rollout, output, mode)
+            self._correct_importance(output, mode)
         finally:
             self._rollout = None
         return output
 
+    def _whole_groups(self, rows) -> bool:
+        """Whether this process holds whole groups (else replay and re-roll are left out)."""
+        return len(rows) % self.num_generations == 0
+
+    def _reroll(self, rows, index: int):
+        """``rows`` with failed prompts of earlier batches in place of its last groups, when due."""
+        if not self._whole_groups(rows):
+            return rows
+        step = index * self.generate_every // self.args.gradient_accumulation_steps
+        progress = step / max(1, self.state.max_steps or self.args.max_steps)
+        queued = len(self.replay.rerolls)
+        rows = self.replay.reroll(rows, progress, self.num_generations)
+        if self.replay.reroll_start < 1.0:
+            self._metrics["train"]["rerolled_groups"].append(float(queued - len(self.replay.rerolls)))
+        return rows
+
+    def _async_rollouts(self) -> AsyncRollouts:
+        from accelerate.utils import broadcast_object_list
+
+        plan = RolloutPlan(self.train_dataset, self._get_train_sampler(), self.args.generation_batch_size)
+        return AsyncRollouts(
+            self.producer,
+            plan,
+            depth=self.grpo.prefetch_depth,
+            process_index=self.accelerator.process_index,
+            num_processes=self.accelerator.num_processes,
+            broadcast=broadcast_object_list,
+            prepare=self._reroll,
+        )
+
+    def _take_rollout(self, rows, index: int) -> Rollout:
+        if self.prefetch is None:
+            return self.producer.produce(self._reroll(rows, index), index)
+        return self.prefetch.take(index, rows)
+
     def _sync_generator(self) -> None:
         """Hand the policy to the generator before the first rollout, then every ``sync_interval`` steps."""
         step = self.state.global_step
-        interval = self.grpo.sync_interval if self.grpo.generation == "vllm" else 1
+        interval = (
+            self.grpo.sync_interval if self.grpo.generation == "vllm" or self.grpo.async_prefetch else 1
+        )
         if self._synced_step is None or step - self._synced_step >= interval:
             self.producer.generator.sync_weights(self.accelerator.unwrap_model(self.model), step)
             self._synced_step = step
@@ -152,6 +216,109 @@ class FtcoreGRPOTrainer(GRPOTrainer):
 
         values = [[math.nan if v is None else v for v in sample] for sample in self._rollout.rewards]
         return gather(torch.tensor(values, dtype=torch.float32, device=self.accelerator.device))
+
+    def _correct_importance(self, output: dict, mode: str) -> None:
+        """Weight each token's advantage by the capped ratio p_trainer / p_generator (``[grpo]
+        importance_sampling``), p_trainer being the log-probs before this batch's update. TRL has them
+        when the batch trains over several steps; else they are those of the loss forward itself
+        (the weights do not change within an optimizer step), so the weighting waits for it."""
+        replayed = self._replayed if mode == "train" else []
+        recompute = any(replayed) and self.grpo.replay_recompute_logps
+        if "sampling_per_token_logps" not in output or (
+            importance_sampling(self.grpo) == "off" and not recompute
+        ):
+            return
+        output["replayed"] = torch.tensor(
+            replayed or [False] * len(output["advantages"]), device=self.accelerator.device
+        )
+        if "old_per_token_logps" in output:
+            self._apply_importance(output, output["old_per_token_logps"], mode)
+
+    def _apply_importance(self, inputs: dict, trainer_logps: torch.Tensor, mode: str) -> None:
+        generator_logps, replayed = inputs["sampling_per_token_logps"], inputs.pop("replayed")
+        if self.grpo.replay_recompute_logps:  # replayed groups count as sampled by the current policy
+            generator_logps[replayed] = trainer_logps[replayed].detach()
+        level = importance_sampling(self.grpo)
+        if level == "off":
+            return
+        correction = importance.importance_weights(
+            trainer_logps.detach(),
+            generator_logps,
+            inputs["completion_mask"],
+            level=level,
+            mode=self.grpo.importance_sampling_mode,
+            cap=self.grpo.importance_sampling_cap,
+        )
+        inputs["advantages"] = inputs["advantages"].unsqueeze(1) * correction.weights
+        inputs["importance_weights"] = correction.weights
+        for name, value in importance.metrics(correction).items():
+            values = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
+            values = values[~values.isnan()]  # a process without completion tokens
+            reduce = {"min": torch.min, "max": torch.max}.get(name.rsplit("/", 1)[-1], torch.mean)
+            if values.numel():
+                self._metrics[mode][name].append(reduce(values).item())
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        self._policy_logps = result[0]  # the last call of a loss is its forward: for the corrected KL term
+        if self._loss_inputs is not None and "replayed" in self._loss_inputs:  # TRL reads the advantages next
+            self._apply_importance(self._loss_inputs, result[0], "train" if self.model.training else "eval")
+        return result
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss, the importance weights applied once its forward has the log-probs; with
+        ``importance_sampling_kl`` the KL term is added here instead, each token weighted by
+        p_theta / p_old (TRL's correction) times the importance weight."""
+        self._loss_inputs = inputs
+        kl_corrected = bool(self.beta) and self.grpo.importance_sampling_kl
+        beta, self.beta = self.beta, (0.0 if kl_corrected else self.beta)
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta, self._loss_inputs = beta, None
+        if not kl_corrected:
+            return loss
+        logps, mask = self._policy_logps, inputs["completion_mask"]
+        gap = inputs["ref_per_token_logps"] - logps
+        kl = torch.exp(gap) - gap - 1
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["kl"].append(
+            self.accelerator.gather((kl * mask).sum() / mask.sum().clamp(min=1.0)).nanmean().item()
+        )
+        weighted = kl * torch.exp(logps - inputs.get("old_per_token_logps", logps.detach()))
+        weighted = weighted * inputs.get("importance_weights", 1.0)
+        return loss + beta * self._aggregate(weighted, mask, inputs, mode)
+
+    def _aggregate(self, per_token, mask, inputs, mode: str):
+        """``per_token`` reduced as TRL reduces its per-token loss for this ``loss_type``."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type == "grpo":
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (per_token.size(0) * self.max_completion_length) / accumulation
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes  # dapo
+        if mode == "train":
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return (per_token * mask).sum() / normalizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Micro-batches whose advantages are all zero skip forward and backward (with ``beta = 0``
+        their loss and gradient are exactly zero); every process skips together."""
+        if not (self.model.training and self.grpo.skip_zero_advantage_batches and not self.beta):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        device = self.accelerator.device
+        skip = bool(
+            self.accelerator.gather(torch.tensor([not inputs["advantages"].any()], device=device)).all()
+        )
+        self._skipped_in_step += skip
+        if (self._step + 1) % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["skipped_zero_adv_batches"].append(float(self._skipped_in_step))
+            self._skipped_in_step = 0
+        if skip:
+            return torch.zeros((), device=device, requires_grad=True)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _after_rollout(self, rollout: Rollout, output: dict, mode: str) -> None:
         device = self.accelerator.device
@@ -233,18 +400,16 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             "prompts_seen": self.rollout_index() * self.args.generation_batch_size // self.num_generations,
             "policy_version": self._synced_step,
             "sampler_seed": self.args.seed,
+            "replay": self.replay.state_dict(),
         }
-
-    def restore_rollout_state(self, state: dict) -> None:
-        """Keep a checkpoint's rollout state; the first rollout after resuming checks it."""
-        self.restored_state = dict(state)
 
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
         finally:
+            if self.prefetch is not None:
+                self.prefetch.close()
             self.producer.close()
-            state.detach(self.ftcore_config)
 
 
 def _trim_rows(path: Path, last_step: int) -> None:

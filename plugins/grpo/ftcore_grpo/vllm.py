@@ -800,7 +800,12 @@ class VLLMGenerator:
             if old != name and old.startswith(ADAPTER_PREFIX):
                 self._retired.append(old)
         self._unload_retired()
-        self._remove_old_syncs(keep=path)
+        with self._lock:  # a request in flight may still make the server read its adapter's folder
+            keep = {path, *(self._adapter_dir(name) for name in self._retired)}
+        self._remove_old_syncs(keep=keep)
+
+    def _adapter_dir(self, name: str) -> Path:
+        return self.sync_dir / f"v{int(name[len(ADAPTER_PREFIX) :]):08d}"
 
     def _sync_full(self, model, version: int, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)
@@ -816,7 +821,7 @@ class VLLMGenerator:
             with self._lock:
                 self._reloading = False
                 self._lock.notify_all()
-        self._remove_old_syncs(keep=path)
+        self._remove_old_syncs(keep={path})
 
     def _unload_retired(self) -> None:
         with self._lock:
@@ -827,11 +832,14 @@ class VLLMGenerator:
                 self.client.unload_lora_adapter(name)
             except VLLMServerError as exc:
                 log.warning("grpo: could not unload adapter %s: %s", name, exc)
+            if self._adapter_dir(name) != self.sync_dir / f"v{self.version:08d}":
+                shutil.rmtree(self._adapter_dir(name), ignore_errors=True)
 
-    def _remove_old_syncs(self, keep: Path) -> None:
-        """Keep only the newest synced folder (the server may read it again, e.g. after a LoRA eviction)."""
+    def _remove_old_syncs(self, keep: set[Path]) -> None:
+        """Keep only the folders the server may still read (e.g. after a LoRA eviction): the newest
+        sync's, and those of adapters that requests in flight use (async prefetch)."""
         for child in self.sync_dir.iterdir():
-            if child != keep:
+            if child not in keep:
                 shutil.rmtree(child, ignore_errors=True)
 
     def close(self) -> None:

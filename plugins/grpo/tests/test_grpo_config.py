@@ -7,6 +7,7 @@ import pytest
 from ftcore.config import load_config
 from ftcore.errors import ConfigError, PluginError
 from ftcore.testing import asset, stories_model
+from ftcore_grpo.config import importance_sampling
 from ftcore_grpo.scoring import resolve_rewards
 
 
@@ -40,6 +41,13 @@ def test_defaults_and_spellings(tmp_path):
     assert (grpo.generation, grpo.loss_type, grpo.beta, grpo.scale_rewards) == ("hf", "dapo", 0.0, "none")
     assert (grpo.reward_aggregation, grpo.reward_workers, grpo.sync_interval) == ("sum_then_normalize", 0, 1)
     assert grpo.vllm.url is None
+    assert (grpo.async_prefetch, grpo.prefetch_depth, grpo.streaming_groups, grpo.skip_zero_advantage_batches) == (
+        False, 1, 0, True,
+    )  # fmt: skip
+    assert importance_sampling(grpo) == "off" and grpo.off_policy_mask_threshold is None
+    config, _ = load_config(write(tmp_path), ["grpo.async_prefetch=true"])
+    assert importance_sampling(config.grpo) == "token"  # on by default once batches may be stale
+    assert (config.grpo.importance_sampling_mode, config.grpo.importance_sampling_cap) == ("truncate", 2.0)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +70,12 @@ def test_defaults_and_spellings(tmp_path):
             "train.micro_batch_size",
             "multiple of num_generations",
         ),
+        (['grpo.hf_device="cuda:1"'], "grpo.hf_device", "set async_prefetch = true"),
+        (
+            ['grpo.hf_device="cuda:1"', "grpo.async_prefetch=true", 'grpo.generation="vllm"'],
+            "grpo.hf_device",
+            'generation = "hf"',
+        ),  # fmt: skip
     ],
 )
 def test_cross_table_errors_name_the_key(tmp_path, overrides, key, words):
@@ -78,6 +92,11 @@ def test_cross_table_errors_name_the_key(tmp_path, overrides, key, words):
         ("grpo.num_generations=1", "grpo.num_generations"),
         ('grpo.generation="sglang"', "grpo.generation"),
         ('grpo.reward_aggregation="mean"', "grpo.reward_aggregation"),
+        ('grpo.importance_sampling="tokens"', "grpo.importance_sampling"),
+        ('grpo.importance_sampling_mode="clip"', "grpo.importance_sampling_mode"),
+        ("grpo.importance_sampling_cap=0", "grpo.importance_sampling_cap"),
+        ("grpo.prefetch_depth=-1", "grpo.prefetch_depth"),
+        ("grpo.streaming_groups=-1", "grpo.streaming_groups"),
     ],
 )
 def test_bad_values_are_config_errors(tmp_path, override, words):

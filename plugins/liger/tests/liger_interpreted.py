@@ -64,15 +64,15 @@ def main():
         references[arch, adapter] = (batch, num_items, *loss_and_grads(model, batch, num_items))
     for arch, adapter in cases:
         model = models[arch, adapter]
-        plugins.hook.before_model_load(config=config, model_config=model.config)
-        plugins.hook.patch_model(config=config, model=model)
+        plugins.hook.before_model_load(config=config, model_config=model.config, run=None)
+        plugins.hook.patch_model(config=config, model=model, run=None)
         if adapter:
             torch.manual_seed(1)
             model = peft.get_peft_model(model, lora)
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     torch.nn.init.normal_(p, std=0.02)
-        plugins.hook.after_model_load(config=config, model=model)
+        plugins.hook.after_model_load(config=config, model=model, run=None)
         batch, num_items, ref_loss, ref_grads = references[arch, adapter]
         loss, grads = loss_and_grads(model, batch, num_items)
         grad_error = max(

@@ -59,9 +59,9 @@ def test_bf16_loss_and_grads_match_stock_model(architecture, variant, restore_tr
     base_loss, base_grads = loss_and_grads(bf16, batch, num_items)  # bf16, stock
 
     base = bf16.get_base_model() if variant == "lora" else bf16
-    plugins.hook.before_model_load(config=config, model_config=base.config)
-    plugins.hook.patch_model(config=config, model=base)
-    plugins.hook.after_model_load(config=config, model=bf16)
+    plugins.hook.before_model_load(config=config, model_config=base.config, run=None)
+    plugins.hook.patch_model(config=config, model=base, run=None)
+    plugins.hook.after_model_load(config=config, model=bf16, run=None)
     liger_loss, liger_grads = loss_and_grads(bf16, batch, num_items)
 
     base_error, liger_error = relative_error(base_grads, ref_grads), relative_error(liger_grads, ref_grads)

@@ -65,7 +65,7 @@ def test_unsupported_architecture_lists_the_supported_ones():
     from transformers import AutoConfig
 
     with pytest.raises(PluginError, match=r"no kernels for model type 'gpt2'.*llama.*qwen3"):
-        plugins.hook.before_model_load(config=config, model_config=AutoConfig.for_model("gpt2"))
+        plugins.hook.before_model_load(config=config, model_config=AutoConfig.for_model("gpt2"), run=None)
 
 
 def test_kernel_the_architecture_lacks_is_an_error():
@@ -73,7 +73,7 @@ def test_kernel_the_architecture_lacks_is_an_error():
     with pytest.raises(
         PluginError, match=r"no layer_norm kernel for model type 'llama'.*rms_norm, rope, swiglu"
     ):
-        plugins.hook.before_model_load(config=config, model_config=tiny_config("llama"))
+        plugins.hook.before_model_load(config=config, model_config=tiny_config("llama"), run=None)
 
 
 @pytest.mark.skipif(
@@ -86,7 +86,7 @@ def test_no_gpu_is_an_error_before_loading(monkeypatch):
         pytest.skip("a GPU is present")
     config, plugins = liger_config()
     with pytest.raises(PluginError, match="no GPU"):
-        plugins.hook.before_model_load(config=config, model_config=tiny_config("llama"))
+        plugins.hook.before_model_load(config=config, model_config=tiny_config("llama"), run=None)
 
 
 def test_swiglu_key_selects_geglu_for_gemma():
@@ -116,23 +116,23 @@ def test_patch_takes_effect_per_architecture(architecture, restore_transformers)
     with pytest.raises(
         PluginError, match="rms_norm, rope, swiglu, fused_linear_cross_entropy are not active"
     ):
-        plugins.hook.after_model_load(config=config, model=model)
-    plugins.hook.patch_model(config=config, model=model)
+        plugins.hook.after_model_load(config=config, model=model, run=None)
+    plugins.hook.patch_model(config=config, model=model, run=None)
     names = {module._get_name() for module in model.modules() if module._get_name().startswith("Liger")}
     assert names == EXPECTED_MODULES[architecture]
     assert model.forward.__func__.__module__ == f"liger_kernel.transformers.model.{architecture}"
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model, run=None)
 
 
 def test_kernels_set_to_false_stay_off(restore_transformers):
     config, plugins = liger_config(rms_norm=False, fused_linear_cross_entropy=False)
     model = tiny_model("llama")
     forward = model.forward
-    plugins.hook.patch_model(config=config, model=model)
+    plugins.hook.patch_model(config=config, model=model, run=None)
     assert not any(module._get_name() == "LigerRMSNorm" for module in model.modules())
     assert model.forward == forward
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.after_model_load(config=config, model=model, run=None)
 
 
 def test_loss_and_grads_match_plain_model_under_triton_interpreter():

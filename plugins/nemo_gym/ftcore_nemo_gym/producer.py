@@ -44,7 +44,7 @@ class Deployment:
         if name not in self.agents:
             raise GymError(
                 f"no Gym agent {name!r} at {self.section.url or 'the started deployment'}; its agents: "
-                f"{sorted(self.agents)} (set agent_ref in the rows or [nemo_gym] agent)"
+                f"{sorted(self.agents)} (set agent_ref in the rows, the dataset's options.agent or [nemo_gym] agent)"
             )
         return self.agents[name]
 

@@ -60,9 +60,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def check_model(model: nn.Module, *, autotune: bool = True) -> int:
+def check_model(model: nn.Module, *, autotune: bool = True, full_finetuning: str = "kernels") -> int:
     """Check every experts module can be served and select ``scattermoe`` (with ``autotune`` tiles or
-    fixed ones); returns how many there are."""
+    fixed ones; experts whose weights train without LoRA on ``full_finetuning``: ``"grouped_mm"`` or
+    ``"kernels"``); returns how many there are."""
     register()
     found = 0
     for name, module in model.named_modules():
@@ -73,6 +74,7 @@ def check_model(model: nn.Module, *, autotune: bool = True) -> int:
                     f"cannot serve {name} ({type(module).__name__}): {reason}. Supported: {SUPPORTED}."
                 )
             module.scattermoe_autotune = autotune
+            module.scattermoe_full_finetuning = full_finetuning
             found += 1
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -101,6 +103,14 @@ def scattermoe_experts_forward(
     if reason:
         raise PluginError(f"{type(self).__name__}: {reason}. Supported: {SUPPORTED}.", plugin=IMPLEMENTATION)
     lora = lora or {}
+    if (
+        not lora
+        and _trains_own_weights(self)
+        and getattr(self, "scattermoe_full_finetuning", "kernels") == "grouped_mm"
+    ):
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     up_name = _up_name(self)
     up, down = _out_in(self, up_name), _out_in(self, "down_proj")
     num_tokens, k = top_k_index.shape
@@ -123,6 +133,13 @@ def scattermoe_experts_forward(
         out = self.post_expert_norm(out)
     out = (out.view(num_tokens, k, -1) * top_k_weights.unsqueeze(-1)).sum(1)
     return out.to(hidden_states.dtype)
+
+
+def _trains_own_weights(module: nn.Module) -> bool:
+    """Gradients flow into the expert weights themselves (full fine-tuning of the experts)."""
+    return torch.is_grad_enabled() and any(
+        getattr(module, name).requires_grad for name in (_up_name(module), "down_proj")
+    )
 
 
 def install_expert_lora(model: nn.Module) -> int:

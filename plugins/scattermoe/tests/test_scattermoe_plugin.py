@@ -43,7 +43,7 @@ def test_config_table_defaults_and_unknown_key(tmp_path):
 def test_model_load_kwargs_selects_scattermoe(tmp_path):
     config, plugins = load(tmp_path)
     kwargs = {"dtype": torch.float32}
-    plugins.hook.model_load_kwargs(config=config, kwargs=kwargs)
+    plugins.hook.model_load_kwargs(config=config, kwargs=kwargs, run=None)
     assert kwargs["experts_implementation"] == "scattermoe"
     from ftcore.testing import tiny_config
     from transformers import AutoModelForCausalLM
@@ -51,13 +51,15 @@ def test_model_load_kwargs_selects_scattermoe(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), **kwargs)
     assert model.config._experts_implementation == "scattermoe"
     with pytest.raises(PluginError, match="already set to 'grouped_mm'"):
-        plugins.hook.model_load_kwargs(config=config, kwargs={"experts_implementation": "grouped_mm"})
+        plugins.hook.model_load_kwargs(
+            config=config, kwargs={"experts_implementation": "grouped_mm"}, run=None
+        )
 
 
 def test_dense_model_is_refused_naming_what_is_supported(tmp_path):
     config, plugins = load(tmp_path)
     with pytest.raises(PluginError, match=r"\(llama\) has no experts.*Supported: .*qwen3_moe.*mixtral"):
-        plugins.hook.patch_model(config=config, model=tiny_model("llama"))
+        plugins.hook.patch_model(config=config, model=tiny_model("llama"), run=None)
 
 
 def test_quantized_or_expert_parallel_experts_are_refused():
@@ -76,8 +78,8 @@ def test_quantized_or_expert_parallel_experts_are_refused():
 def test_hooks_route_expert_lora_through_the_kernels(tmp_path):
     config, plugins = load(tmp_path)
     model = tiny_moe("qwen3_moe", with_lora=True)
-    plugins.hook.patch_model(config=config, model=model)
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.patch_model(config=config, model=model, run=None)
+    plugins.hook.after_model_load(config=config, model=model, run=None)
     assert model.config._experts_implementation == "scattermoe"
     wrapped = [m for m in model.modules() if "forward" in m.__dict__]
     assert len(wrapped) == 2 and all(m.parameter_name == "down_proj" for m in wrapped)
@@ -98,8 +100,8 @@ def test_hooks_route_expert_lora_through_the_kernels(tmp_path):
 def test_expert_lora_off_keeps_peft_path(tmp_path):
     config, plugins = load(tmp_path, expert_lora=False)
     model = tiny_moe("mixtral", with_lora=True)
-    plugins.hook.patch_model(config=config, model=model)
-    plugins.hook.after_model_load(config=config, model=model)
+    plugins.hook.patch_model(config=config, model=model, run=None)
+    plugins.hook.after_model_load(config=config, model=model, run=None)
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
@@ -173,3 +175,34 @@ def test_training_a_tiny_moe_with_expert_lora(run_ftcore, ftcore_tiny_model_dir,
     adapter = load_file(trained.output_dir / "adapter_model.safetensors")
     expert_b = [t for name, t in adapter.items() if "experts" in name and "lora_B" in name]
     assert len(expert_b) == 4 and all(t.abs().sum() > 0 for t in expert_b)  # B starts at zero: dB trained it
+
+
+def _autograd_ops(output) -> set[str]:
+    """The names of the autograd nodes that made ``output``."""
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [parent for parent, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("mode", ["grouped_mm", "kernels"])
+def test_full_finetuning_of_experts_runs_grouped_mm_unless_the_kernels_are_asked_for(tmp_path, mode):
+    """Experts that train their own weights (no LoRA) run transformers' grouped_mm, faster on every
+    measured shape; ``full_finetuning = "kernels"`` keeps the kernels. LoRA and frozen experts run the kernels."""
+    config, plugins = load(tmp_path, full_finetuning=mode)
+    model = tiny_moe("qwen3_moe", with_lora=False)
+    plugins.hook.patch_model(config=config, model=model, run=None)
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(0))
+    ops = _autograd_ops(model(input_ids=ids).logits)
+    assert any("GroupedMm" in name or "grouped_mm" in name.lower() for name in ops) is (
+        mode == "grouped_mm"
+    ), ops
+    model.requires_grad_(False)
+    model.get_input_embeddings().requires_grad_(True)
+    frozen = _autograd_ops(model(input_ids=ids).logits)
+    assert not any("grouped" in name.lower() for name in frozen), frozen
