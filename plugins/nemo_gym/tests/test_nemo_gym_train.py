@@ -136,7 +136,9 @@ def test_a_server_killed_mid_run_stops_the_run_after_a_checkpoint_and_it_resumes
     assert (
         rows[-1]["nemo_gym/verify_errors"] == 16 and rows[-1]["step"] < 14
     )  # every sample of the last rollout
-    assert all(row["nemo_gym/verify_errors"] == 0 for row in rows[:-1])
+    # before: no error, or some (the rollout the kill cut into) without stopping the run
+    errors = [row["nemo_gym/verify_errors"] for row in rows]
+    assert errors[0] == 0 and all(e < 16 for e in errors[:-1]), errors
     checkpoint = latest_checkpoint(tmp_path / "out")
     assert checkpoint.name == f"step-{rows[-1]['step']:06d}"  # saved after the failed step
     # Gym is back (restarted on the same head port): --resume continues from that checkpoint to the end
