@@ -14,7 +14,7 @@ import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -74,6 +74,20 @@ class Section(BaseModel):
     numbers finite."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
+
+    result_neutral: ClassVar[tuple[str, ...]] = ()
+    """Keys of this table that may change between a run and its ``--resume`` without changing what it
+    trains (a server's address, timeouts); every other key changed makes ``--resume`` ask for ``--force``."""
+
+
+def result_neutral_keys(section: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted ``result_neutral`` keys of ``section`` and of the tables nested in it."""
+    keys = [prefix + key for key in getattr(type(section), "result_neutral", ())]
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            keys += result_neutral_keys(value, f"{prefix}{name}.")
+    return keys
 
 
 class ModelSection(Section):
@@ -350,9 +364,9 @@ class ConfigBase(BaseModel):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def fingerprint(self, exclude: tuple[str, ...] = ("train.output_dir",)) -> str:
-        """A stable hash of the settings, ignoring keys that do not change results."""
+        """A stable hash of the settings, ignoring ``exclude`` and the tables' ``result_neutral`` keys."""
         data = self.model_dump(mode="json")
-        for dotted in exclude:
+        for dotted in (*exclude, *result_neutral_keys(self)):
             *parents, last = dotted.split(".")
             node = data
             for part in parents:

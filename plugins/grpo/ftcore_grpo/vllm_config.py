@@ -24,6 +24,8 @@ class VLLMSection(Section):
     and stops it at the end).
     """
 
+    result_neutral = ("url", "python", "host", "port", "startup_timeout", "request_timeout", "retries")
+
     url: str | None = Field(
         None,
         description="Base URL of a running vLLM OpenAI server, e.g. http://127.0.0.1:8000 (started with "

@@ -142,3 +142,18 @@ def test_preprocess_shows_the_prompts_as_tokenized(tmp_path):
     assert lines[2].startswith("columns: {'answer': ") and "####" in lines[2]
     assert lines[-1].startswith("prompts          ") and "dropped as too long" in lines[-1]
     assert int(lines[-1].split("; ")[1].split()[0]) > 0  # gsm8k questions over 100 tokens are dropped
+
+
+def test_the_servers_address_may_change_on_resume_the_method_may_not(tmp_path):
+    """``result_neutral`` keys (the vLLM server's address and timeouts) leave the config fingerprint
+    that ``--resume`` compares unchanged; any other key changes it."""
+    from ftcore.checkpoint import RESULT_NEUTRAL_KEYS
+
+    path = write(tmp_path)
+
+    def fingerprint(*overrides):
+        return load_config(path, list(overrides))[0].fingerprint(RESULT_NEUTRAL_KEYS)
+
+    first = fingerprint('grpo.vllm.url="http://127.0.0.1:8000"')
+    assert fingerprint('grpo.vllm.url="http://127.0.0.1:9000"', "grpo.vllm.request_timeout=5.0") == first
+    assert fingerprint('grpo.vllm.url="http://127.0.0.1:8000"', "grpo.num_generations=2") != first

@@ -24,6 +24,11 @@ class NemoGymSection(Section):
     """``[nemo_gym]``: a running Gym deployment (``url``) or one ftcore starts (``gym_dir`` +
     ``config_paths`` + ``python``, ``auto_start = true``)."""
 
+    result_neutral = (
+        "url", "gym_dir", "python", "auto_start", "head_port", "start_timeout", "verify_timeout", "run_timeout",
+        "max_concurrency", "retries",
+    )  # fmt: skip
+
     url: str | None = Field(
         None,
         description="The head server of a running Gym deployment, e.g. http://127.0.0.1:11000; the other "
