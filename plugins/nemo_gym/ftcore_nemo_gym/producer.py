@@ -220,6 +220,15 @@ def transcript_tokens(output: list, max_turns: int) -> tuple[list[int], list[int
     return prompt, ids, mask, logprobs
 
 
+def fit_episode(prompt: list[int], ids: list[int], mask: list[int], logprobs: list[float], sequence_len: int):
+    """The episode's completion cut to what fits after its prompt in ``sequence_len`` tokens, with its
+    finish reason: ``"length"`` when cut (``[grpo] mask_truncated_completions`` then leaves it out)."""
+    room = max(sequence_len - len(prompt), 1)
+    if len(ids) <= room:
+        return ids, mask, logprobs, "stop"
+    return ids[:room], mask[:room], logprobs[:room], "length"
+
+
 def final_text(output: list) -> str:
     """The text of the episode's assistant messages."""
     return "".join(
@@ -249,8 +258,11 @@ class EpisodeProducer(GymProducer):
             if tokens is None:  # a failed episode: one untrained EOS token after the row's own prompt
                 tokens = (row["prompt_ids"], [eos], [0], [0.0], "")
             prompt, ids, mask, logprobs, text = tokens
+            ids, mask, logprobs, reason = fit_episode(
+                prompt, ids, mask, logprobs, self.run.config.train.sequence_len
+            )
             new_rows.append({**row, "prompt_ids": prompt})
-            completions.append(Completion(ids, text, logprobs, "stop", self.generator.version, mask=mask))
+            completions.append(Completion(ids, text, logprobs, reason, self.generator.version, mask=mask))
         return Rollout(
             index=index, rows=new_rows, completions=completions, rewards=[[o.reward] for o, _ in episodes],
             failures={"nemo_gym": sum(o.error is not None for o, _ in episodes)}, groups=prompt_groups(new_rows),

@@ -9,7 +9,7 @@ import pytest
 from ftcore.config import load_config
 from ftcore.pipeline import run_training
 from ftcore_nemo_gym.client import GymError
-from ftcore_nemo_gym.producer import transcript_tokens
+from ftcore_nemo_gym.producer import fit_episode, transcript_tokens
 
 AGENT = "example_single_tool_call_simple_agent"
 CONFIGS = (
@@ -47,6 +47,12 @@ def test_a_transcript_becomes_ids_whose_mask_covers_the_policys_turns():
     output[2]["prompt_token_ids"] = [1, 2, 9, 4, 5, 6]
     with pytest.raises(GymError, match="does not extend"):
         transcript_tokens(output, 10)
+
+
+def test_an_episode_longer_than_sequence_len_is_cut_and_counts_as_truncated():
+    prompt, ids, mask, logprobs = [1, 2, 3], [4, 5, 6, 7, 8], [1, 1, 0, 0, 1], [-0.1, -0.2, 0.0, 0.0, -0.3]
+    assert fit_episode(prompt, ids, mask, logprobs, 8) == (ids, mask, logprobs, "stop")
+    assert fit_episode(prompt, ids, mask, logprobs, 6) == ([4, 5, 6], [1, 1, 0], [-0.1, -0.2, 0.0], "length")
 
 
 @pytest.mark.slow
