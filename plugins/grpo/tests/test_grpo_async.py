@@ -10,7 +10,6 @@ import torch
 from ftcore.config import load_config
 from ftcore.metrics import read_metrics
 from ftcore.pipeline import run_training
-from ftcore.testing import stories_model
 from ftcore_grpo.importance import importance_weights, metrics
 from ftcore_grpo.prefetch import RolloutPlan
 from trl.trainer.utils import RepeatSampler
@@ -85,39 +84,21 @@ def always_one(completions, **kwargs):
 """
 
 
-def write_config(tmp_path, *, steps=3, grpo="", rewards='["grpo_async_rewards:by_length"]'):
-    (tmp_path / "grpo_async_rewards.py").write_text(REWARDS)
-    rows = [{"prompt": f"Once upon a time, there was a {a} who"} for a in ANIMALS]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-plugins = ["grpo"]
-[model]
-base = "{stories_model()}"
-dtype = "float32"
-[[datasets]]
-path = "prompts.jsonl"
-format = "prompt"
-[train]
-method = "grpo"
-output_dir = "out"
-micro_batch_size = 4
-gradient_accumulation_steps = 2
-sequence_len = 48
-max_steps = {steps}
-save_steps = 2
-logging_steps = 1
-learning_rate = 5e-3
-seed = 1
-[grpo]
-num_generations = 4
-max_completion_length = 8
-rewards = {rewards}
-importance_sampling = "token"
-log_completions_steps = 1
-{grpo}
-""")
-    return path
+@pytest.fixture
+def write_config(stories_config):
+    """``write(tmp_path, steps=, grpo=, rewards=)``: the async tests' config on stories260K."""
+
+    def write(tmp_path, *, steps=3, grpo="", rewards='["grpo_async_rewards:by_length"]'):
+        (tmp_path / "grpo_async_rewards.py").write_text(REWARDS)
+        return stories_config(
+            tmp_path,
+            [f"Once upon a time, there was a {a} who" for a in ANIMALS],
+            train=f"micro_batch_size = 4\ngradient_accumulation_steps = 2\nsequence_len = 48\nmax_steps = {steps}\n"
+            "save_steps = 2\nlogging_steps = 1\nlearning_rate = 5e-3\nseed = 1",
+            grpo=f'rewards = {rewards}\nimportance_sampling = "token"\nlog_completions_steps = 1\n{grpo}',
+        )
+
+    return write
 
 
 def train(path, *overrides):
@@ -131,7 +112,7 @@ def completion_rows(output_dir):
 
 
 @pytest.mark.slow
-def test_async_without_staleness_equals_the_synchronous_run(tmp_path):
+def test_async_without_staleness_equals_the_synchronous_run(tmp_path, write_config):
     """prefetch_depth = 0: the background thread and the generating copy, but no batch ahead."""
     path = write_config(tmp_path)
     _, sync = train(path, "train.output_dir=sync")
@@ -147,7 +128,7 @@ def test_async_without_staleness_equals_the_synchronous_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_prefetched_batches_lag_and_are_corrected_with_the_generators_logprobs(tmp_path):
+def test_prefetched_batches_lag_and_are_corrected_with_the_generators_logprobs(tmp_path, write_config):
     path = write_config(tmp_path, steps=4, grpo="async_prefetch = true\nprefetch_depth = 1")
     result, rows = train(path)
     # rollout 0 waits for weights 0; rollout r >= 1 was generated while step r - 1 trained
@@ -164,7 +145,7 @@ def test_prefetched_batches_lag_and_are_corrected_with_the_generators_logprobs(t
 
 
 @pytest.mark.slow
-def test_prefetch_with_sync_interval_lags_up_to_the_interval(tmp_path):
+def test_prefetch_with_sync_interval_lags_up_to_the_interval(tmp_path, write_config):
     grpo = "async_prefetch = true\nprefetch_depth = 1\nsync_interval = 2\nimportance_sampling_mode = 'mask'"
     _, rows = train(write_config(tmp_path, steps=5, grpo=grpo))
     # syncs at steps 0, 2, 4; rollout r (trained at step r) is generated at step r - 1 with the last sync
@@ -172,7 +153,7 @@ def test_prefetch_with_sync_interval_lags_up_to_the_interval(tmp_path):
 
 
 @pytest.mark.slow
-def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path):
+def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path, write_config):
     """A constant reward: every advantage is 0, both micro-batches of every step skip."""
     path = write_config(tmp_path, steps=2, rewards='["grpo_async_rewards:always_one"]')
     result, rows = train(path)
@@ -185,16 +166,17 @@ def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path):
 # -- the correction inside the trainer, by hand
 
 
-def build_trainer(tmp_path, grpo: str):
-    """The grpo trainer on stories260K (2 prompt groups of 4 per step), via the real method."""
+def build_trainer(path):
+    """The grpo trainer of the config at ``path`` (2 prompt groups of 4 per step), via the real method."""
     from ftcore.methods import Run
     from ftcore.model import load_model_and_tokenizer
     from ftcore_grpo.method import GRPOMethod
 
-    path = write_config(tmp_path, grpo=grpo)
     config, plugins = load_config(path, ["train.micro_batch_size=8", "train.gradient_accumulation_steps=1"])
     model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=tmp_path / "out")
+    run = Run(
+        config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=path.parent / "out"
+    )
     trainer = GRPOMethod().build_trainer(run)
     trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
     trainer.model.train()
@@ -213,14 +195,8 @@ def completion_logps(model, output):
     return result
 
 
-def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
-    """The policy moves after sampling (as with a stale generator): advantages are weighted by
-    min(p_trainer / p_generator, C) per token, and off-policy sequence masking drops the
-    negative-advantage sequences whose mean log-prob gap exceeds the threshold."""
-    cap, threshold = 1.05, 0.02
-    trainer = build_trainer(
-        tmp_path, f"importance_sampling_cap = {cap}\noff_policy_mask_threshold = {threshold}"
-    )
+def move_the_policy_after_each_rollout(trainer) -> None:
+    """After sampling, change the policy by an optimizer step's worth (seeded): as with a stale generator."""
     produce = trainer.producer.produce
 
     def produce_then_train(rows, index):
@@ -228,10 +204,23 @@ def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
         torch.manual_seed(0)
         with torch.no_grad():
             for param in trainer.model.parameters():
-                param.add_(torch.randn_like(param) * 0.02)  # an optimizer step's worth of change
+                param.add_(torch.randn_like(param) * 0.02)
         return rollout
 
     trainer.producer.produce = produce_then_train
+
+
+def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path, write_config):
+    """The policy moves after sampling (as with a stale generator): advantages are weighted by
+    min(p_trainer / p_generator, C) per token, and off-policy sequence masking drops the
+    negative-advantage sequences whose mean log-prob gap exceeds the threshold."""
+    cap, threshold = 1.05, 0.02
+    trainer = build_trainer(
+        write_config(
+            tmp_path, grpo=f"importance_sampling_cap = {cap}\noff_policy_mask_threshold = {threshold}"
+        )
+    )
+    move_the_policy_after_each_rollout(trainer)
     rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
     output = trainer._generate_and_score_completions(rows)
     rollout = trainer.last_rollout
@@ -261,10 +250,10 @@ def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path):
     )
 
 
-def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path):
+def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path, write_config):
     from ftcore_grpo.rollout import RolloutProducer, rollout_seed
 
-    trainer = build_trainer(tmp_path, "")
+    trainer = build_trainer(write_config(tmp_path))
     base = trainer.producer
     rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
     whole = base.produce(rows, 5)
@@ -290,7 +279,7 @@ def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluation_waits_for_the_prefetching_thread(tmp_path):
+def test_evaluation_waits_for_the_prefetching_thread(tmp_path, write_config):
     """Evaluation shares the generator and the reward workers: queued batches are dropped first."""
     grpo = "async_prefetch = true\nprefetch_depth = 2\nreward_workers = 1"
     path = write_config(tmp_path, steps=4, grpo=grpo)
@@ -301,7 +290,7 @@ def test_evaluation_waits_for_the_prefetching_thread(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_rank_0_generates_and_broadcasts(tmp_path):
+def test_two_processes_rank_0_generates_and_broadcasts(tmp_path, write_config):
     """``ftcore run --nproc 2`` on the CPU (gloo): one group per process, prefetched by rank 0."""
     import os
     import subprocess
@@ -320,24 +309,16 @@ def test_two_processes_rank_0_generates_and_broadcasts(tmp_path):
     assert [row["rollout"] for row in samples] == [0] * 4 + [1] * 4 + [2] * 4  # rank 0's group
 
 
-def test_the_kl_term_can_take_the_same_correction(tmp_path):
+def test_the_kl_term_can_take_the_same_correction(tmp_path, write_config):
     """beta > 0 with importance_sampling_kl: each token's KL to the reference is weighted by its
     (capped) importance weight, so the loss is -sum(A w) / N + beta * sum(w KL) / N (dapo)."""
     beta, cap = 0.5, 10.0
     trainer = build_trainer(
-        tmp_path, f"beta = {beta}\nimportance_sampling_cap = {cap}\nimportance_sampling_kl = true"
+        write_config(
+            tmp_path, grpo=f"beta = {beta}\nimportance_sampling_cap = {cap}\nimportance_sampling_kl = true"
+        )
     )
-    produce = trainer.producer.produce
-
-    def produce_then_train(rows, index):
-        rollout = produce(rows, index)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for param in trainer.model.parameters():
-                param.add_(torch.randn_like(param) * 0.02)
-        return rollout
-
-    trainer.producer.produce = produce_then_train
+    move_the_policy_after_each_rollout(trainer)
     rows = [trainer.train_dataset[i] for i in range(2) for _ in range(4)]
     output = trainer._generate_and_score_completions(rows)
     mask = output["completion_mask"].float()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 from ftcore.config import load_config
 from ftcore.pipeline import run_training
@@ -40,45 +38,30 @@ def grpo_rollout_producer(run, generator, scorer, sampling):
 """
 
 
-def train_first_tokens(tmp_path, monkeypatch, mode: str):
+def train_first_tokens(tmp_path, monkeypatch, stories_config, mode: str):
     folder = tmp_path / mode
     package = f"grpo_first_token_{mode}"
     (folder / package).mkdir(parents=True)
     (folder / package / "__init__.py").write_text("")
     (folder / package / "env.py").write_text(PRODUCER_PLUGIN.replace('MODE = "mask"', f"MODE = {mode!r}"))
     monkeypatch.syspath_prepend(str(folder))
-    rows = [{"prompt": f"Once upon a time, there was a {animal} who"} for animal in ("cat", "dog")]
-    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / "config.toml").write_text(f"""plugins = ["grpo", "{package}.env"]
-[model]
-base = "{stories_model()}"
-dtype = "float32"
-[[datasets]]
-path = "prompts.jsonl"
-format = "prompt"
-[train]
-method = "grpo"
-output_dir = "out"
-micro_batch_size = 4
-gradient_accumulation_steps = 2
-sequence_len = 64
-max_steps = 1
-learning_rate = 0.5
-optimizer = "sgd"  # Adam would blow rounding noise in near-zero gradients up to lr-sized steps
-weight_decay = 0.0
-seed = 5
-[grpo]
-num_generations = 4
-max_completion_length = 8
-rewards = ["length_penalty"]
-""")
-    config, plugins = load_config(folder / "config.toml")
+    path = stories_config(
+        folder,
+        [f"Once upon a time, there was a {animal} who" for animal in ("cat", "dog")],
+        plugins=f'"grpo", "{package}.env"',
+        train="micro_batch_size = 4\ngradient_accumulation_steps = 2\nsequence_len = 64\nmax_steps = 1\n"
+        "learning_rate = 0.5\n"
+        'optimizer = "sgd"  # Adam would blow rounding noise in near-zero gradients up to lr-sized steps\n'
+        "weight_decay = 0.0\nseed = 5",
+        grpo='rewards = ["length_penalty"]',
+    )
+    config, plugins = load_config(path)
     return run_training(config, plugins).model
 
 
-def test_masked_tokens_train_like_tokens_that_are_not_there(tmp_path, monkeypatch):
-    masked = train_first_tokens(tmp_path, monkeypatch, "mask")
-    cut = train_first_tokens(tmp_path, monkeypatch, "cut")
+def test_masked_tokens_train_like_tokens_that_are_not_there(tmp_path, monkeypatch, stories_config):
+    masked = train_first_tokens(tmp_path, monkeypatch, stories_config, "mask")
+    cut = train_first_tokens(tmp_path, monkeypatch, stories_config, "cut")
     base = AutoModelForCausalLM.from_pretrained(stories_model())
     changed = False
     for (name, a), (_, b), (_, c) in zip(

@@ -10,7 +10,6 @@ from ftcore.checkpoint import step_dir
 from ftcore.config import load_config
 from ftcore.metrics import read_metrics
 from ftcore.pipeline import run_training
-from ftcore.testing import stories_model
 from ftcore_grpo.generation import Completion
 from ftcore_grpo.replay import Replay
 from ftcore_grpo.rollout import Rollout, prompt_groups
@@ -90,39 +89,18 @@ def cats_fail(completions, prompts, **kwargs):
 
 
 @pytest.mark.slow
-def test_a_run_replays_re_rolls_and_resumes_with_its_buffer(tmp_path):
+def test_a_run_replays_re_rolls_and_resumes_with_its_buffer(tmp_path, stories_config):
     (tmp_path / "grpo_replay_rewards.py").write_text(REWARDS)
     animals = ["cat", "dog", "cat", "fox", "cat", "owl", "cat", "eel"]
-    rows = [{"prompt": f"Once upon a time, there was a {a} who"} for a in animals]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-plugins = ["grpo"]
-[model]
-base = "{stories_model()}"
-dtype = "float32"
-[[datasets]]
-path = "prompts.jsonl"
-format = "prompt"
-[data]
-shuffle = false
-[train]
-method = "grpo"
-output_dir = "out"
-micro_batch_size = 8
-sequence_len = 48
-max_steps = 4
-save_steps = 2
-logging_steps = 1
-learning_rate = 5e-3
-[grpo]
-num_generations = 4
-max_completion_length = 8
-rewards = ["grpo_replay_rewards:cats_fail"]
-replay_buffer_size = 4
-reroll_start_fraction = 0.5
-log_completions_steps = 1
-""")
+    path = stories_config(
+        tmp_path,
+        [f"Once upon a time, there was a {a} who" for a in animals],
+        data="shuffle = false",
+        train="micro_batch_size = 8\nsequence_len = 48\nmax_steps = 4\nsave_steps = 2\nlogging_steps = 1\n"
+        "learning_rate = 5e-3",
+        grpo='rewards = ["grpo_replay_rewards:cats_fail"]\nreplay_buffer_size = 4\nreroll_start_fraction = 0.5\n'
+        "log_completions_steps = 1",
+    )
     config, plugins = load_config(path)
     result = run_training(config, plugins)
     metrics = [row for row in read_metrics(result.output_dir) if "loss" in row]

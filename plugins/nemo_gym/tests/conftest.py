@@ -15,11 +15,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,12 +27,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from ftcore.testing import VenvBuildError, cached_venv
 
 GYM_VERSION = "0.7.0"
-ENV_ROOT = Path(os.environ.get("FTCORE_TEST_ENVS", "~/.cache/ftcore/test-envs")).expanduser()
-ENV_DIR = ENV_ROOT / f"nemo-gym-{GYM_VERSION}"
-COMPLETE_MARKER = ".ftcore-complete"
-PIP_ARGS = ["--disable-pip-version-check", "--timeout", "30", "--retries", "2"]
+ENV_NAME = f"nemo-gym-{GYM_VERSION}"
 BUILD_TIMEOUT = 30 * 60
 SERVER_DIRS = (
     "resources_servers/string_match",
@@ -55,62 +50,35 @@ REPO = Path(__file__).resolve().parents[3]
 DATA = REPO / "core" / "ftcore" / "testdata" / "data" / "nemo_gym"
 
 
-def _pip(python: Path, args: list[str], log, deadline: float) -> None:
-    command = [str(python), "-m", "pip", *args, *PIP_ARGS]
-    log.write(f"$ {' '.join(command)}\n")
-    log.flush()
-    result = subprocess.run(
-        command, stdout=log, stderr=subprocess.STDOUT, timeout=max(60, deadline - time.time())
-    )
-    if result.returncode:
-        raise RuntimeError(f"`pip {' '.join(args)}` failed with exit code {result.returncode}")
+def install_gym(pip, env_dir: Path) -> None:
+    """The nemo-gym wheel declares Python >= 3.13 but runs on 3.11: its dependencies installed as
+    usual, then the wheel itself without the Python check."""
+    wheels = env_dir / "wheel"
+    pip("download", f"nemo-gym=={GYM_VERSION}", "--no-deps", "--ignore-requires-python", "-d", str(wheels))
+    wheel = next(wheels.glob("nemo_gym-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(f"nemo_gym-{GYM_VERSION}.dist-info/METADATA").decode()
+    requirements = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    pip("install", *requirements)
+    pip("install", "--no-deps", "--ignore-requires-python", str(wheel))
 
 
-def build_gym_env(env_dir: Path = ENV_DIR) -> Path:
-    """The Gym environment's python, built once (under a lock) and marked complete."""
-    python = env_dir / "bin" / "python"
-    if (env_dir / COMPLETE_MARKER).exists():
-        return python
-    env_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(env_dir.parent / f"{env_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (env_dir / COMPLETE_MARKER).exists():
-            return python
-        log_path = env_dir.parent / f"{env_dir.name}.build.log"
-        started = time.time()
-        deadline = started + BUILD_TIMEOUT
-        with open(log_path, "w") as log:
-            try:
-                shutil.rmtree(env_dir, ignore_errors=True)  # an interrupted build
-                subprocess.run(
-                    [sys.executable, "-m", "venv", str(env_dir)], check=True, stdout=log, stderr=log
-                )
-                wheels = env_dir / "wheel"
-                _pip(python, ["download", f"nemo-gym=={GYM_VERSION}", "--no-deps", "--ignore-requires-python",
-                              "-d", str(wheels)], log, deadline)  # fmt: skip
-                wheel = next(wheels.glob("nemo_gym-*.whl"))
-                with zipfile.ZipFile(wheel) as archive:
-                    metadata = archive.read(f"nemo_gym-{GYM_VERSION}.dist-info/METADATA").decode()
-                requirements = [
-                    line.split(":", 1)[1].strip()
-                    for line in metadata.splitlines()
-                    if line.startswith("Requires-Dist:") and "extra ==" not in line
-                ]
-                _pip(python, ["install", *requirements], log, deadline)
-                _pip(python, ["install", "--no-deps", "--ignore-requires-python", str(wheel)], log, deadline)
-            except (RuntimeError, OSError, StopIteration, subprocess.SubprocessError) as exc:
-                log.flush()
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-                pytest.fail(
-                    f"could not build the NeMo Gym test environment in {env_dir} ({exc!r}): it installs "
-                    f"nemo-gym=={GYM_VERSION} and its dependencies from the package index, so it needs access to "
-                    f"it; or point FTCORE_GYM_PYTHON at an existing Gym environment's python. Log {log_path}:\n{tail}",
-                    pytrace=False,
-                )
-        (env_dir / COMPLETE_MARKER).write_text(
-            json.dumps({"nemo-gym": GYM_VERSION, "seconds": round(time.time() - started)})
+def build_gym_env() -> Path:
+    """The Gym environment's python, built once."""
+    try:
+        return cached_venv(
+            ENV_NAME,
+            install_gym,
+            timeout=BUILD_TIMEOUT,
+            hint=f"It installs nemo-gym=={GYM_VERSION} and its dependencies from the package index, so it needs "
+            "access to it; or point FTCORE_GYM_PYTHON at an existing Gym environment's python.",
         )
-        return python
+    except VenvBuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")
