@@ -19,7 +19,7 @@ mean), the median step time, peak GPU memory (allocated), the first step's time 
 ftcore's time in generation. Configurations:
 
 - ``trl``: TRL ``GRPOTrainer`` as above.
-- ``ftcore-eager``: ftcore's grpo method, ``hf_compile = false`` (dynamic cache, like TRL).
+- ``ftcore-eager``: ftcore's grpo method, ``hf_cuda_graph = false`` (transformers' generate, like TRL).
 - ``ftcore``: ftcore's grpo method as configured by default: a static KV cache and a compiled,
   CUDA-graphed decode step.
 - ``ftcore-async``, ``ftcore-eager-async``: the same with ``async_prefetch = true``
@@ -201,7 +201,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
         },
         "grpo": {
             "generation": "hf", "num_generations": args.group, "max_completion_length": args.completion_length,
-            "rewards": ["bench_rewards:reward"], "hf_compile": "eager" not in name, "log_completions_steps": 0,
+            "rewards": ["bench_rewards:reward"], "hf_cuda_graph": "eager" not in name, "log_completions_steps": 0,
         },
     }  # fmt: skip
     if name.endswith("-async"):

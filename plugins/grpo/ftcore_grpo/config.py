@@ -105,10 +105,11 @@ class GRPOSection(Section):
     hf_batch_size: int | None = Field(
         None, gt=0, description="generation = hf: sequences per generate call (default: the whole batch)."
     )
-    hf_compile: bool = Field(
+    hf_cuda_graph: bool = Field(
         True,
-        description="generation = hf on a CUDA GPU: a static KV cache and a compiled, CUDA-graphed decode step "
-        "(compiles once per prompt-length bucket); ignored on CPU.",
+        description="generation = hf on a CUDA GPU with sdpa or eager attention: ftcore's decode loop over a static "
+        "KV cache, each decode step one CUDA graph replay (captured once per generate call, nothing compiled); "
+        "false = transformers' generate. Ignored on CPU.",
     )
 
     async_prefetch: bool = Field(

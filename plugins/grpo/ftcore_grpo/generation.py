@@ -93,39 +93,34 @@ def build_generator(config, model, tokenizer, output_dir: Path, device=None) -> 
         from ftcore_grpo.vllm import VLLMGenerator
 
         return VLLMGenerator(config=config, model=model, tokenizer=tokenizer, output_dir=output_dir)
-    options = dict(batch_size=grpo.hf_batch_size, compile=grpo.hf_compile)
+    options = dict(batch_size=grpo.hf_batch_size, decode="cuda_graph" if grpo.hf_cuda_graph else "generate")
     if grpo.async_prefetch:
         return BackgroundHFGenerator(model, tokenizer, device=grpo.hf_device or device, **options)
     return HFGenerator(model, tokenizer, **options)
 
 
 class HFGenerator:
-    """Samples from the policy itself with ``model.generate``: weights are always current.
+    """Samples from the policy itself: weights are always current.
 
     Logprobs are recorded while sampling (one vocabulary row per sequence held at a time), and
     the sampling filters are applied by ftcore so that those logprobs are of the unfiltered,
-    temperature-scaled distribution. ``batch_size`` bounds the sequences per ``generate`` call.
-    ``compile`` (on a CUDA GPU): a static KV cache and transformers' compiled, CUDA-graphed
-    decode step, with prompts left-padded to a power of two (at least ``MIN_PAD`` tokens) so that
-    few cache shapes (and compilations) occur; ``static_cache`` alone gives the cache without
-    compiling.
+    temperature-scaled distribution. ``batch_size`` bounds the sequences per call. ``decode``:
+    ``"generate"`` runs transformers' ``model.generate``; ``"static"`` ftcore's loop over a static KV
+    cache (``ftcore_grpo.decode``); ``"cuda_graph"`` (on a CUDA GPU, sdpa or eager attention; else
+    ``"generate"``) that loop with each decode step a CUDA graph replay. Stop strings end a
+    completion in every mode; the loop notices them only afterwards (it generates on to EOS or
+    ``max_tokens``, then cuts).
     """
 
-    MIN_PAD = 64
+    def __init__(self, model, tokenizer, *, batch_size: int | None = None, decode: str = "generate"):
+        from ftcore_grpo.decode import supports_cuda_graph
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        batch_size: int | None = None,
-        compile: bool = False,
-        static_cache: bool = False,
-    ):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.compile = compile and next(model.parameters()).device.type == "cuda"
-        self.static_cache = static_cache or self.compile
-        self._compiled = False  # a compiled generate has worked once: later failures are real errors
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        if decode == "cuda_graph" and not (on_cuda and supports_cuda_graph(model)):
+            decode = "generate"
+        self.decode = decode
+        self._decoded = False  # the loop has worked once: later failures are real errors
         self.version = 0
         eos = tokenizer.eos_token_id
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -142,6 +137,17 @@ class HFGenerator:
     def generate(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
     ) -> list[list[Completion]]:
+        try:
+            return self._generate(prompt_ids, n, sampling)
+        except Exception as exc:
+            if self.decode != "cuda_graph" or self._decoded:
+                raise
+            log.warning("grpo: the CUDA-graphed decode failed (%s: %s); using transformers' generate from now on "
+                        "(set grpo.hf_cuda_graph = false to skip the attempt)", type(exc).__name__, exc)  # fmt: skip
+            self.decode = "generate"
+            return self._generate(prompt_ids, n, sampling)
+
+    def _generate(self, prompt_ids, n, sampling):
         import torch
 
         rows = [ids for ids in prompt_ids for _ in range(n)]
@@ -155,23 +161,38 @@ class HFGenerator:
                 torch.manual_seed(sampling.seed)
             for start in range(0, len(rows), step):
                 flat += self._generate_rows(rows[start : start + step], sampling)
+        self._decoded = True
         return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def _generate_rows(self, rows: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
 
         model = self.model
         device = next(model.parameters()).device
         width = max(len(ids) for ids in rows)
-        if self.static_cache:  # few cache shapes, so few compilations: 64, 128, 256, 512, ... tokens
-            width = max(self.MIN_PAD, 1 << (width - 1).bit_length())
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, ids in enumerate(rows):  # left padding
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention_mask[i, width - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         recorder = _SamplingProcessor(sampling)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.decode == "generate":
+                    new = self._transformers_generate(input_ids, attention_mask, recorder, sampling)
+                else:
+                    new = self._static_decode(input_ids, attention_mask, recorder, sampling)
+        finally:
+            model.train(was_training)
+        logprobs = recorder.finish(new)
+        return [self._completion(new[i].tolist(), logprobs[i], sampling) for i in range(len(rows))]
+
+    def _transformers_generate(self, input_ids, attention_mask, recorder, sampling: SamplingParams):
+        from transformers import GenerationConfig, LogitsProcessorList
+
         options = dict(  # explicit, so nothing is inherited from the model's own generation_config
             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1
         )  # fmt: skip
@@ -179,10 +200,8 @@ class HFGenerator:
             options |= dict(
                 temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0
             )
-            if getattr(model.generation_config, "min_p", None) is not None:
+            if getattr(self.model.generation_config, "min_p", None) is not None:
                 options["min_p"] = 0.0
-        if self.static_cache:
-            options |= dict(cache_implementation="static", disable_compile=not self.compile)
         generation_config = GenerationConfig(
             do_sample=sampling.temperature > 0,
             max_new_tokens=sampling.max_tokens,
@@ -192,30 +211,30 @@ class HFGenerator:
             stop_strings=list(sampling.stop) or None,
             **options,
         )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                sequences = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=generation_config,
-                    logits_processor=LogitsProcessorList([recorder]),
-                    tokenizer=self.tokenizer if sampling.stop else None,
-                )
-        except Exception as exc:
-            if not self.compile or self._compiled:
-                raise
-            log.warning("grpo: the compiled decode step failed (%s: %s); generating uncompiled from now on "
-                        "(set grpo.hf_compile = false to skip the attempt)", type(exc).__name__, exc)  # fmt: skip
-            self.compile = self.static_cache = False
-            return self._generate_rows(rows, sampling)
-        finally:
-            model.train(was_training)
-        self._compiled = self.compile
-        new = sequences[:, width:]
-        logprobs = recorder.finish(new)
-        return [self._completion(new[i].tolist(), logprobs[i], sampling) for i in range(len(rows))]
+        sequences = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([recorder]),
+            tokenizer=self.tokenizer if sampling.stop else None,
+        )
+        return sequences[:, input_ids.shape[1] :]
+
+    def _static_decode(self, input_ids, attention_mask, recorder, sampling: SamplingParams):
+        import torch
+
+        from ftcore_grpo.decode import static_decode
+
+        def choose(sequences, logits):
+            scores = recorder(sequences, logits.float())  # as generate: float32 scores
+            if sampling.temperature <= 0:
+                return scores.argmax(-1)
+            return torch.multinomial(torch.softmax(scores.float(), dim=-1), 1)[:, 0]
+
+        return static_decode(
+            self.model, input_ids, attention_mask, max_new_tokens=sampling.max_tokens, choose=choose,
+            eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id, cuda_graph=self.decode == "cuda_graph",
+        )  # fmt: skip
 
     def _completion(self, ids: list[int], logprobs: list[float], sampling: SamplingParams) -> Completion:
         end, reason = len(ids), "length"

@@ -84,37 +84,93 @@ def test_stop_strings_end_a_completion_with_the_token_that_completes_them(policy
         assert len(completion.logprobs) == len(completion.token_ids)
 
 
-def test_the_static_cache_path_samples_what_the_dynamic_cache_does(policy):
+SETTINGS = {
+    "sampled": SamplingParams(temperature=0.8, max_tokens=10, seed=5),
+    "greedy": SamplingParams(temperature=0, max_tokens=10),
+    "filtered": SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.3, max_tokens=12, seed=7),
+    "stop strings": SamplingParams(max_tokens=40, stop=["."], seed=0),
+}  # fmt: skip
+
+
+def sampled(out):
+    return [[(c.token_ids, c.text, c.finish_reason, c.policy_version) for c in group] for group in out]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_the_static_decode_loop_samples_what_generate_does(policy, setting):
     model, tokenizer = policy
-    prompts = prompt_ids(tokenizer)
-    sampling = SamplingParams(temperature=0.8, max_tokens=10, seed=5)
-    dynamic = HFGenerator(model, tokenizer).generate(prompts, 2, sampling)
-    static = HFGenerator(model, tokenizer, static_cache=True).generate(
-        prompts, 2, sampling
-    )  # prompts padded to 64 tokens
-    assert [[c.token_ids for c in g] for g in static] == [[c.token_ids for c in g] for g in dynamic]
-    for group_static, group_dynamic in zip(static, dynamic, strict=True):
-        for a, b in zip(group_static, group_dynamic, strict=True):
+    sampling = SETTINGS[setting]
+    prompts = prompt_ids(tokenizer)  # of different lengths: left padding
+    reference = HFGenerator(model, tokenizer).generate(prompts, 3, sampling)
+    loop = HFGenerator(model, tokenizer, decode="static").generate(prompts, 3, sampling)
+    assert sampled(loop) == sampled(reference)
+    for group_loop, group_reference in zip(loop, reference, strict=True):
+        for a, b in zip(group_loop, group_reference, strict=True):
             torch.testing.assert_close(
                 torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4
             )
 
 
-def test_a_compiled_decode_that_fails_falls_back_to_uncompiled(policy, caplog):
-    from transformers import CompileConfig
+def test_the_static_decode_loop_samples_from_a_lora_policy_what_generate_does(policy):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
 
     model, tokenizer = policy
-    broken = CompileConfig(backend="no_such_backend")
-    broken._compile_all_devices = True  # compile on the CPU too, with a backend that does not exist
-    model.generation_config.compile_config = broken
-    try:
-        generator = HFGenerator(model, tokenizer)
-        generator.compile = generator.static_cache = True  # what compile=True gives on a CUDA GPU
-        sampling = SamplingParams(temperature=0.8, max_tokens=6, seed=5)
-        out = generator.generate(prompt_ids(tokenizer), 2, sampling)
-    finally:
-        model.generation_config.compile_config = None
-    assert "the compiled decode step failed" in caplog.text
-    assert not generator.compile and out == HFGenerator(model, tokenizer).generate(
-        prompt_ids(tokenizer), 2, sampling
+    torch.manual_seed(1)
+    lora = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
+    sampling = SETTINGS["sampled"]
+    reference = HFGenerator(lora, tokenizer).generate(prompt_ids(tokenizer), 2, sampling)
+    assert sampled(
+        HFGenerator(lora, tokenizer, decode="static").generate(prompt_ids(tokenizer), 2, sampling)
+    ) == sampled(reference)
+    assert sampled(reference) != sampled(
+        HFGenerator(model, tokenizer).generate(prompt_ids(tokenizer), 2, sampling)
+    )
+
+
+def test_the_static_decode_loop_stops_when_every_row_has_ended(policy):
+    model, tokenizer = policy
+    period = tokenizer.convert_tokens_to_ids(".")
+    sampling = SamplingParams(temperature=0, max_tokens=64)
+    generators = [HFGenerator(model, tokenizer, decode=decode) for decode in ("generate", "static")]
+    for generator in generators:
+        generator.eos_token_ids = sorted({*generator.eos_token_ids, period})  # every story sentence ends
+    reference, loop = (generator.generate(prompt_ids(tokenizer), 1, sampling) for generator in generators)
+    assert sampled(loop) == sampled(reference)
+    assert all(group[0].finish_reason == "stop" and len(group[0].token_ids) < 64 for group in loop)
+
+
+def test_a_cuda_graph_decode_that_fails_falls_back_to_generate(policy, caplog):
+    model, tokenizer = policy
+    generator = HFGenerator(model, tokenizer, decode="cuda_graph")
+    assert generator.decode == "generate"  # no CUDA here: never attempted
+    generator.decode = "cuda_graph"  # attempted anyway: capturing on the CPU fails
+    sampling = SamplingParams(temperature=0.8, max_tokens=6, seed=5)
+    out = generator.generate(prompt_ids(tokenizer), 2, sampling)
+    assert "the CUDA-graphed decode failed" in caplog.text
+    assert generator.decode == "generate"
+    assert out == HFGenerator(model, tokenizer).generate(prompt_ids(tokenizer), 2, sampling)
+
+
+@pytest.mark.gpu
+def test_the_cuda_graph_decode_equals_the_eager_loop_on_a_gpu():
+    from transformers import AutoConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    prompts = prompt_ids(tokenizer)
+    for sampling in (SETTINGS["greedy"], SETTINGS["sampled"]):
+        graphed = HFGenerator(model, tokenizer, decode="cuda_graph")
+        assert graphed.decode == "cuda_graph"
+        out = graphed.generate(prompts, 4, sampling)
+        assert graphed.decode == "cuda_graph"  # no fallback happened
+        eager = HFGenerator(model, tokenizer, decode="static").generate(prompts, 4, sampling)
+        assert sampled(out) == sampled(eager)
