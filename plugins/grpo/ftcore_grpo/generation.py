@@ -113,14 +113,9 @@ class HFGenerator:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, decode: str = "generate"):
-        from ftcore_grpo.decode import supports_cuda_graph
-
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        if decode == "cuda_graph" and not (on_cuda and supports_cuda_graph(model)):
-            decode = "generate"
         self.decode = decode
-        self._decoded = False  # the loop has worked once: later failures are real errors
+        self._graph_worked = False  # the CUDA-graphed loop has worked once: later failures are real errors
         self.version = 0
         eos = tokenizer.eos_token_id
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -137,15 +132,24 @@ class HFGenerator:
     def generate(
         self, prompt_ids: list[list[int]], n: int, sampling: SamplingParams
     ) -> list[list[Completion]]:
+        if self.decode == "cuda_graph" and not self._graphable():
+            self.decode = "generate"
         try:
             return self._generate(prompt_ids, n, sampling)
         except Exception as exc:
-            if self.decode != "cuda_graph" or self._decoded:
+            if self.decode != "cuda_graph" or self._graph_worked:
                 raise
             log.warning("grpo: the CUDA-graphed decode failed (%s: %s); using transformers' generate from now on "
                         "(set grpo.hf_cuda_graph = false to skip the attempt)", type(exc).__name__, exc)  # fmt: skip
             self.decode = "generate"
             return self._generate(prompt_ids, n, sampling)
+
+    def _graphable(self) -> bool:
+        """On a CUDA GPU (checked per call: the trainer moves the policy after making the backend)
+        with an attention implementation the decode loop can capture."""
+        from ftcore_grpo.decode import supports_cuda_graph
+
+        return next(self.model.parameters()).device.type == "cuda" and supports_cuda_graph(self.model)
 
     def _generate(self, prompt_ids, n, sampling):
         import torch
@@ -161,7 +165,7 @@ class HFGenerator:
                 torch.manual_seed(sampling.seed)
             for start in range(0, len(rows), step):
                 flat += self._generate_rows(rows[start : start + step], sampling)
-        self._decoded = True
+        self._graph_worked |= self.decode == "cuda_graph"
         return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def _generate_rows(self, rows: list[list[int]], sampling: SamplingParams) -> list[Completion]:

@@ -143,12 +143,14 @@ def test_the_static_decode_loop_stops_when_every_row_has_ended(policy):
     assert all(group[0].finish_reason == "stop" and len(group[0].token_ids) < 64 for group in loop)
 
 
-def test_a_cuda_graph_decode_that_fails_falls_back_to_generate(policy, caplog):
+def test_a_cuda_graph_decode_that_fails_falls_back_to_generate(policy, caplog, monkeypatch):
     model, tokenizer = policy
-    generator = HFGenerator(model, tokenizer, decode="cuda_graph")
-    assert generator.decode == "generate"  # no CUDA here: never attempted
-    generator.decode = "cuda_graph"  # attempted anyway: capturing on the CPU fails
     sampling = SamplingParams(temperature=0.8, max_tokens=6, seed=5)
+    generator = HFGenerator(model, tokenizer, decode="cuda_graph")
+    generator.generate(prompt_ids(tokenizer), 2, sampling)
+    assert generator.decode == "generate" and not caplog.text  # no CUDA here: never attempted
+    generator.decode = "cuda_graph"
+    monkeypatch.setattr(generator, "_graphable", lambda: True)  # attempted anyway: capturing on the CPU fails
     out = generator.generate(prompt_ids(tokenizer), 2, sampling)
     assert "the CUDA-graphed decode failed" in caplog.text
     assert generator.decode == "generate"
@@ -165,11 +167,11 @@ def test_the_cuda_graph_decode_equals_the_eager_loop_on_a_gpu():
         num_key_value_heads=2, head_dim=32, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa",
     )  # fmt: skip
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     prompts = prompt_ids(tokenizer)
     for sampling in (SETTINGS["greedy"], SETTINGS["sampled"]):
-        graphed = HFGenerator(model, tokenizer, decode="cuda_graph")
-        assert graphed.decode == "cuda_graph"
+        graphed = HFGenerator(model.cpu(), tokenizer, decode="cuda_graph")
+        model.cuda()  # as the trainer does: the policy reaches the GPU after the generator is made
         out = graphed.generate(prompts, 4, sampling)
         assert graphed.decode == "cuda_graph"  # no fallback happened
         eager = HFGenerator(model, tokenizer, decode="static").generate(prompts, 4, sampling)
