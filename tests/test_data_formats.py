@@ -249,3 +249,48 @@ def test_an_external_preference_format_through_load_rows(tmp_path, monkeypatch):
     assert train[0]["prompt"].endswith("\n\nAssistant:") and np.all(
         [p.startswith("\n\nHuman:") for p in train["prompt"]]
     )
+
+
+SPLIT_PLUGIN = textwrap.dedent("""
+    from ftcore.data.formats import RowFormat
+    from ftcore.hookspecs import hookimpl
+
+
+    class Lines(RowFormat):
+        schema = "text"
+        fields = ("text",)
+
+        def convert(self, row):
+            return [{"text": line} for line in row["text"].split("|") if line]
+
+
+    @hookimpl
+    def register_formats(register):
+        register("lines_test", Lines)
+""")
+
+
+def test_a_format_may_make_several_rows_of_one(tmp_path, monkeypatch):
+    """``convert`` returning a list: each item is a row; a row giving none is a bad row (skipped, counted)."""
+    (tmp_path / "lines_plugin").mkdir()
+    (tmp_path / "lines_plugin" / "__init__.py").write_text("")
+    (tmp_path / "lines_plugin" / "formats.py").write_text(SPLIT_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from ftcore.config import validate_config
+    from ftcore.data.prepare import dataset_specs
+    from ftcore.data.sources import read_dataset
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a|b|c", "|", "d"]))
+    raw = {
+        "plugins": ["lines_plugin.formats"],
+        "model": {"base": str(tmp_path)},
+        "datasets": [{"path": str(path), "format": "lines_test", "on_bad_rows": "skip"}],
+        "data": {"shuffle": False},
+        "train": {"output_dir": str(tmp_path / "out")},
+    }
+    config, plugins = validate_config(raw)
+    train, _ = load_rows(config, plugins, ("text",))
+    assert train["text"] == ["a", "b", "c", "d"]
+    (part,) = read_dataset(dataset_specs(config, plugins, ("text",))[0])
+    assert part.skipped == 1 and part.rows["_row"] == [1, 1, 1, 3]  # the record each row came from

@@ -70,8 +70,9 @@ class RowFormat:
             options if isinstance(options, FormatOptions) else self.Options.model_validate(options or {})
         )
 
-    def convert(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Return the canonical row for ``row`` (keys renamed by the field mapping).
+    def convert(self, row: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        """Return the canonical row for ``row`` (keys renamed by the field mapping), or a non-empty
+        list of canonical rows when one raw row makes several examples (each is a row of its own).
 
         Raise ``ValueError`` (or ``TypeError``) with a short reason for a bad row; the caller
         turns it into a ``DataError`` naming the file and row, or skips and counts the row.

@@ -319,8 +319,8 @@ class _Converter:
         self.first: dict[str, Any] = {}  # the first good canonical row, to type the columns
         self.warned = 0
 
-    def attempt(self, raw: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-        """(canonical row, None) or (None, the reason the row is bad)."""
+    def attempt(self, raw: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | None]:
+        """(canonical rows, None) or (None, the reason the row is bad)."""
         row = {name: raw[column] for name, column in self.mapping.items()}
         for name, column in self.mapping.items():
             if column in self.encoded and row[name] is not None:
@@ -329,11 +329,14 @@ class _Converter:
         if missing:
             return None, f"missing value for {missing[0]!r}"
         try:
-            return self.format.convert(row), None
+            canonical = self.format.convert(row)
         except (ValueError, TypeError) as exc:
             return None, str(exc)
+        if isinstance(canonical, dict):
+            return [canonical], None
+        return (list(canonical), None) if canonical else (None, "the row gave no examples")
 
-    def convert(self, raw: dict[str, Any], record: int) -> dict[str, Any] | None:
+    def convert(self, raw: dict[str, Any], record: int) -> list[dict[str, Any]] | None:
         canonical, problem = self.attempt(raw)
         if problem is not None:
             if self.on_bad == "raise":
@@ -346,19 +349,19 @@ class _Converter:
             if self.warned <= WARN_ROWS:
                 log.warning("%s, row %d: skipped: %s", self.label, line_number(self.label, record), problem)
             return None
-        if sorted(canonical) != self.columns:
-            raise PluginError(
-                f"format {self.format_name!r} returned the keys {sorted(canonical)} for row {record} of {self.label}, "
-                f"but {self.columns} for an earlier row; every row must have the same keys"
-            )
+        for row in canonical:
+            if sorted(row) != self.columns:
+                raise PluginError(
+                    f"format {self.format_name!r} returned the keys {sorted(row)} for row {record} of {self.label}, "
+                    f"but {self.columns} for an earlier row; every row must have the same keys"
+                )
         return canonical
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {column: [] for column in [*self.columns, ROW]}
         records = batch[ROW] if ROW in batch else [i + 1 for i in indices]
         for j, record in enumerate(records):
-            canonical = self.convert({column: values[j] for column, values in batch.items()}, record)
-            if canonical is not None:
+            for canonical in self.convert({column: values[j] for column, values in batch.items()}, record) or ():
                 for column in self.columns:
                     out[column].append(canonical[column])
                 out[ROW].append(record)
@@ -381,7 +384,7 @@ def _canonical(label: str, raw, spec: DatasetSpec, num_proc: int | None, encoded
     for index, row in enumerate(raw):
         canonical, _ = converter.attempt(row)
         if canonical is not None:
-            converter.columns, converter.first = sorted(canonical), canonical
+            converter.columns, converter.first = sorted(canonical[0]), canonical[0]
             break
         if spec.section.on_bad_rows == "raise":
             converter.convert(row, row.get(ROW, index + 1))  # raises, naming the row
@@ -396,7 +399,7 @@ def _canonical(label: str, raw, spec: DatasetSpec, num_proc: int | None, encoded
         new_fingerprint=digest(raw._fingerprint, spec.format_name, spec.section.model_dump(mode="json")),
         desc=f"Reading {Path(label).name}",
     )
-    return rows, len(raw) - len(rows)
+    return rows, len(raw) - len(rows.unique(ROW))  # a row may give several canonical rows (one record)
 
 
 def worker_count(num_proc: int | None, rows: int) -> int | None:
