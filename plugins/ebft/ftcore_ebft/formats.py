@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ftcore.data.formats import FormatOptions, RowFormat, normalize_messages
-from pydantic import Field
+from pydantic import Field, model_validator
 
 
 def _string(value, what: str) -> str:
@@ -46,13 +46,28 @@ class OpenCode(RowFormat):
 
 
 class ChatOptions(FormatOptions):
-    target: Literal["first", "last"] = Field(
-        "last", description="Which assistant turn is the reference: the first or the last."
+    target: Literal["first", "last", "every"] = Field(
+        "last",
+        description="Which assistant turn is the reference: the first, the last, or every one (one row per "
+        "assistant turn, the messages before it as the prompt).",
     )
+    multi_turn: bool = Field(
+        False,
+        description='With target = "first": keep the later messages (remaining_turns), so structured mode '
+        "rolls out the whole conversation turn by turn.",
+    )
+
+    @model_validator(mode="after")
+    def _multi_turn_from_the_first(self):
+        if self.multi_turn and self.target != "first":
+            raise ValueError('multi_turn = true rolls out from the first assistant turn: set target = "first"')
+        return self
 
 
 class Chat(RowFormat):
-    """Conversations: one assistant turn is the ``ground_truth``, the messages before it the prompt."""
+    """Conversations: an assistant turn is the ``ground_truth``, the messages before it the prompt
+    (``target = "every"``: one row per assistant turn). ``multi_turn``: ``remaining_turns`` holds the
+    messages after the first assistant turn, up to the last assistant turn (contents as text)."""
 
     schema = "prompt_only"
     fields = ("messages",)
@@ -63,10 +78,22 @@ class Chat(RowFormat):
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns:
             raise ValueError("the conversation has no assistant turn to use as the reference")
-        target = turns[0] if self.options.target == "first" else turns[-1]
-        if target == 0:
+        target = self.options.target
+        if target == "every":
+            if not (turns := [i for i in turns if i > 0]):
+                raise ValueError("the only assistant turn has no messages before it")
+            return [self.example(messages, i) for i in turns]
+        example = self.example(messages, turns[0] if target == "first" else turns[-1])
+        if self.options.multi_turn:
+            later = messages[turns[0] + 1 : turns[-1] + 1]
+            example["remaining_turns"] = [{**m, "content": _content_text(m)} for m in later]
+        return example
+
+    @staticmethod
+    def example(messages: list[dict], index: int) -> dict:
+        if index == 0:
             raise ValueError("the reference assistant turn has no messages before it")
-        return {"prompt": messages[:target], "ground_truth": _content_text(messages[target])}
+        return {"prompt": messages[:index], "ground_truth": _content_text(messages[index])}
 
 
 class ReasoningOptions(PromptOptions):

@@ -41,6 +41,37 @@ def test_chat_targets_the_first_or_the_last_assistant_turn():
         Chat().convert({"messages": THREAD[2:3]})
 
 
+def test_chat_makes_one_row_per_assistant_turn_with_target_every():
+    rows = Chat({"target": "every"}).convert({"messages": THREAD})
+    assert rows == [
+        {"prompt": THREAD[:2], "ground_truth": "Hello!"},
+        {"prompt": THREAD[:4], "ground_truth": "Blue."},
+    ]
+    opening = [{"role": "assistant", "content": "Hi!"}, *THREAD[1:3]]  # a greeting with no prompt is no row
+    assert Chat({"target": "every"}).convert({"messages": opening}) == [
+        {"prompt": opening[:2], "ground_truth": "Hello!"}
+    ]
+    with pytest.raises(ValueError, match="no messages before it"):
+        Chat({"target": "every"}).convert({"messages": THREAD[2:3]})
+
+
+def test_chat_multi_turn_keeps_the_later_turns():
+    thread = [*THREAD, {"role": "user", "content": "Thanks"}]  # nothing to generate after the last answer
+    row = Chat({"target": "first", "multi_turn": True}).convert({"messages": thread})
+    assert row == {
+        "prompt": THREAD[:2],
+        "ground_truth": "Hello!",
+        "remaining_turns": [
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+    }
+    one = Chat({"target": "first", "multi_turn": True}).convert({"messages": THREAD[:3]})
+    assert one["remaining_turns"] == []
+    with pytest.raises(ValueError, match='set target = "first"'):
+        Chat({"multi_turn": True})
+
+
 def test_reasoning_keeps_one_think_trace_in_the_ground_truth():
     joined = Reasoning().convert({"prompt": "2+2?", "response": "4", "thinking": " two and two "})
     assert joined == {"prompt": "2+2?", "ground_truth": "<think>\ntwo and two\n</think>\n\n4"}
@@ -91,6 +122,15 @@ def test_real_chat_threads_load_through_the_registry(tmp_path):
     assert len(rows) == len(threads)
     first_answer = next(m["content"] for m in threads[0]["messages"] if m["role"] == "assistant")
     assert rows[0]["ground_truth"] == first_answer and rows[0]["prompt"][-1]["role"] == "user"
+
+
+def test_every_assistant_turn_of_real_threads_is_a_row(tmp_path):
+    path = str(asset("data/oasst1_chat/oasst_en_threads.jsonl"))
+    rows = load(tmp_path, {"path": path, "format": "ebft_chat", "options": {"target": "every"}})
+    threads = [json.loads(line)["messages"] for line in open(path)]
+    answers = [m["content"] for t in threads for i, m in enumerate(t) if m["role"] == "assistant" and i]
+    assert rows["ground_truth"] == answers and len(answers) > len(threads)
+    assert all(row["prompt"][-1]["role"] != "assistant" for row in rows)
 
 
 def test_gsm8k_rows_map_to_opencode_and_strided(tmp_path):
