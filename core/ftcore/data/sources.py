@@ -361,7 +361,9 @@ class _Converter:
         out: dict[str, list] = {column: [] for column in [*self.columns, ROW]}
         records = batch[ROW] if ROW in batch else [i + 1 for i in indices]
         for j, record in enumerate(records):
-            for canonical in self.convert({column: values[j] for column, values in batch.items()}, record) or ():
+            for canonical in (
+                self.convert({column: values[j] for column, values in batch.items()}, record) or ()
+            ):
                 for column in self.columns:
                     out[column].append(canonical[column])
                 out[ROW].append(record)

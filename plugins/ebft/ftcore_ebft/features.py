@@ -102,9 +102,10 @@ class FeatureNetwork:
         return select(out.hidden_states, self.indices)
 
     def features(
-        self, sequences: list[list[int]], starts: list[int], method: str, pad_id: int
-    ) -> torch.Tensor:
-        """Pooled features of token sequences (right-padded into one batch); ``starts``: completion starts."""
+        self, sequences: list[list[int]], spans: list[list[tuple[int, int]]], method: str, pad_id: int
+    ) -> list[torch.Tensor]:
+        """Pooled features of token sequences (right-padded into one batch): for sequence i a (K_i, D) tensor,
+        one row per ``(start, end)`` of ``spans[i]`` (a completion or a turn: tokens [start, end) after [0, start))."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -112,5 +113,9 @@ class FeatureNetwork:
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         states = self.states(ids, mask)
-        ends = torch.tensor([len(s) for s in sequences], device=states.device)
-        return pool(states, ends, torch.tensor(starts, device=states.device), method)
+        flat = [(row, start, end) for row, pairs in enumerate(spans) for start, end in pairs]
+        rows, starts, ends = (
+            torch.tensor(column, device=states.device) for column in zip(*flat, strict=True)
+        )
+        pooled = pool(states[rows], ends, starts, method)
+        return list(pooled.split([len(pairs) for pairs in spans]))

@@ -60,7 +60,9 @@ class ChatOptions(FormatOptions):
     @model_validator(mode="after")
     def _multi_turn_from_the_first(self):
         if self.multi_turn and self.target != "first":
-            raise ValueError('multi_turn = true rolls out from the first assistant turn: set target = "first"')
+            raise ValueError(
+                'multi_turn = true rolls out from the first assistant turn: set target = "first"'
+            )
         return self
 
 

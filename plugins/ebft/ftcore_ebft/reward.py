@@ -46,6 +46,22 @@ def group_rewards(
     return GroupRewards(rewards, alignment, diversity, cfm_loss)
 
 
+def conversation_rewards(
+    generated: list[torch.Tensor],
+    reference: torch.Tensor,
+    alignment_coef: float,
+    diversity_coef: float,
+    *,
+    use_whitening: bool = False,
+) -> GroupRewards:
+    """Multi-turn: ``group_rewards`` of each sample's (K_j, D) turn features averaged over its turns,
+    against the (K, D) reference turn features averaged over the reference's turns."""
+    means = torch.stack([turns.float().mean(0) for turns in generated])
+    return group_rewards(
+        means, reference.float().mean(0), alignment_coef, diversity_coef, use_whitening=use_whitening
+    )
+
+
 def advantages(rewards: torch.Tensor, estimator: str) -> torch.Tensor:
     """Advantages of (groups, n) rewards: ``rloo`` r_j - mean(r_-j); ``group_norm`` (r - mean) / (std + 1e-6)
     (std with n - 1); ``reinforce`` r. At n = 1 always ``reinforce``."""

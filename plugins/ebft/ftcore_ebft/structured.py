@@ -1,25 +1,74 @@
 """Structured mode: grpo samples completions of prompts with a ``ground_truth``; the reward is the
 feature match of each completion against the reference (grpo's public extension point:
-``GRPOMethod.rewards`` and ``GRPOMethod.producer``)."""
+``GRPOMethod.rewards`` and ``GRPOMethod.producer``). Rows with ``remaining_turns`` (``ebft_chat``
+with ``multi_turn``) roll out turn by turn: each later assistant turn is generated after the
+conversation so far and the row's next user (or tool) messages, which are context (mask 0)."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+import time
+from dataclasses import dataclass, field, replace
 
+from ftcore.errors import DataError
 from ftcore_grpo.data import template_kwargs, tokenize_prompt
+from ftcore_grpo.generation import Completion
 from ftcore_grpo.method import GRPOMethod
-from ftcore_grpo.rollout import RolloutProducer
+from ftcore_grpo.rollout import ROW_KEYS, Rollout, RolloutProducer, prompt_groups, rollout_seed
 from ftcore_grpo.scoring import Reward
 
 from ftcore_ebft.features import FeatureNetwork
-from ftcore_ebft.reward import group_rewards
+from ftcore_ebft.reward import conversation_rewards
+
+
+def later_turns(remaining: list[dict]) -> list[tuple[list[dict], dict]]:
+    """(the user / tool messages before it, the reference) of each assistant turn in ``remaining_turns``."""
+    turns, context = [], []
+    for message in remaining:
+        if message["role"] == "assistant":
+            turns.append((context, message))
+            context = []
+        else:
+            context.append(message)
+    return turns
+
+
+def context_ids(tokenizer, history: list[dict], messages: list[dict], kwargs: dict) -> list[int]:
+    """The tokens the chat template adds after ``history`` (ending in an assistant turn): ``messages`` and
+    the next assistant turn's generation prompt."""
+
+    def render(conversation, generation_prompt):
+        ids = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False, **kwargs
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    before, after = render(history, False), render(history + messages, True)
+    if after[: len(before)] != before:
+        raise DataError(
+            "multi-turn rollouts need a chat template that renders a conversation as a prefix of its "
+            "continuation; this one changes earlier turns when a turn is added"
+        )
+    return after[len(before) :]
+
+
+def turn_spans(mask: list[int], offset: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of trained tokens (mask 1) of a completion placed at ``offset``."""
+    spans = []
+    for i, bit in enumerate(mask):
+        if bit and (not spans or spans[-1][1] != offset + i):
+            spans.append((offset + i, offset + i + 1))
+        elif bit:
+            spans[-1] = (spans[-1][0], offset + i + 1)
+    return spans
 
 
 class FeatureReward:
     """The ebft reward (grpo's reward contract): the features of prompt + completion against those of
-    prompt + ``ground_truth`` (plus EOS), one call per prompt group."""
+    prompt + ``ground_truth`` (plus EOS), one call per prompt group. Multi-turn (``remaining_turns``
+    and ``completion_masks``): per-turn features, averaged over each conversation's turns; the
+    reference conversation is the prompt, the reference turns and the user turns between them."""
 
     def __init__(self, run, network: FeatureNetwork):
         self.network, self.tokenizer, self.ebft = network, run.tokenizer, run.config.ebft
@@ -33,16 +82,47 @@ class FeatureReward:
         eos = self.tokenizer.eos_token_id
         return ids + [eos] if eos is not None else ids
 
-    def __call__(self, completions, *, prompts, completion_ids, ground_truth, **kwargs) -> list[float]:
+    def reference(
+        self, prompt, prompt_ids, ground_truth, remaining
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The reference conversation's tokens and the (start, end) of each reference assistant turn."""
+        sequence = prompt_ids + self.reference_ids(ground_truth)
+        spans = [(len(prompt_ids), len(sequence))]
+        history = [*prompt, {"role": "assistant", "content": ground_truth}] if remaining else []
+        for context, turn in later_turns(remaining):
+            sequence += context_ids(self.tokenizer, history, context, self.template)
+            spans.append((len(sequence), len(sequence) + len(self.reference_ids(turn["content"]))))
+            sequence += self.reference_ids(turn["content"])
+            history += [*context, turn]
+        return sequence, spans
+
+    def __call__(
+        self,
+        completions,
+        *,
+        prompts,
+        completion_ids,
+        ground_truth,
+        remaining_turns=None,
+        completion_masks=None,
+        **kwargs,
+    ) -> list[float]:
         prompt = tokenize_prompt(self.tokenizer, prompts[0], self.template)  # a group shares its prompt
+        masks = completion_masks or [None] * len(completion_ids)
         sequences = [prompt + list(ids) for ids in completion_ids]
-        sequences.append(prompt + self.reference_ids(ground_truth[0]))
-        sequences = [seq[: self.max_len] for seq in sequences]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        features = self.network.features(
-            sequences, [len(prompt)] * len(sequences), self.ebft.embed_method, pad
+        spans = [
+            turn_spans(m or [1] * len(ids), len(prompt)) for ids, m in zip(completion_ids, masks, strict=True)
+        ]
+        reference, reference_spans = self.reference(
+            prompts[0], prompt, ground_truth[0], remaining_turns[0] if remaining_turns else []
         )
-        terms = group_rewards(
+        sequences.append(reference)
+        spans.append(reference_spans)
+        sequences = [seq[: self.max_len] for seq in sequences]  # turns past sequence_len are left out
+        spans = [[(a, min(b, self.max_len)) for a, b in pairs if a < self.max_len] for pairs in spans]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        features = self.network.features(sequences, spans, self.ebft.embed_method, pad)
+        terms = conversation_rewards(
             features[:-1],
             features[-1],
             self.ebft.alignment_coef,
@@ -68,27 +148,140 @@ class FeatureReward:
         return {f"ebft/{name}": sum(t[k] for t in terms) / len(terms) for k, name in enumerate(names)}
 
 
+@dataclass
+class Episode:
+    """One sample of a multi-turn rollout: the conversation so far and its completion tokens."""
+
+    prompt_ids: list[int]
+    history: list[dict]
+    turns: list[tuple[list[dict], dict]]
+    room: int
+    """Completion tokens that fit after the prompt in ``train.sequence_len``."""
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = field(default_factory=list)
+    finish: str = "stop"
+    version: int = 0
+    generated: int = 0
+
+    def add(self, ids: list[int], trained: int, logprobs: list[float] | None) -> None:
+        """Append tokens (cut at ``room``: the episode ends as truncated)."""
+        keep = ids[: self.room - len(self.ids)]
+        if len(keep) < len(ids):
+            self.finish = "length"
+        self.ids += keep
+        self.mask += [trained] * len(keep)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs += logprobs[: len(keep)]
+        else:
+            self.logprobs = None
+
+    def add_turn(self, completion: Completion) -> None:
+        if not self.generated:
+            self.version = completion.policy_version
+        self.generated += 1
+        self.add(completion.token_ids, 1, completion.logprobs)
+        self.history.append({"role": "assistant", "content": completion.text})
+        if completion.finish_reason == "length":
+            self.finish = "length"
+
+    def add_context(self, messages: list[dict], tokenizer, kwargs: dict) -> None:
+        """The user / tool ``messages`` before the next turn, as the chat template renders them (not trained)."""
+        ids = context_ids(tokenizer, self.history, messages, kwargs)
+        self.add(ids, 0, [0.0] * len(ids))
+        self.history += messages
+        if len(self.ids) == self.room:  # no room left for the next turn
+            self.finish = "length"
+
+    def wants(self, turn: int) -> bool:
+        """Whether later turn ``turn`` (0 = the second assistant turn) is still to be generated."""
+        return self.finish == "stop" and turn < len(self.turns)
+
+    def completion(self, tokenizer) -> Completion:
+        text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        return Completion(self.ids, text, self.logprobs, self.finish, self.version, mask=self.mask)
+
+
 class EBFTProducer(RolloutProducer):
-    """grpo's producer with ``adaptive_max_tokens`` and the ebft metrics of each rollout."""
+    """grpo's producer with ``adaptive_max_tokens``, multi-turn rollouts and the ebft metrics."""
 
     def __init__(self, generator, scorer, sampling, *, seed, rank, run, reward: FeatureReward):
         super().__init__(generator, scorer, sampling, seed=seed, rank=rank)
         self.run, self.reward, self.base = run, reward, sampling
 
     def max_tokens(self, rows) -> int:
-        """``gt_length_multiplier`` x the longest reference of the batch, within ``max_completion_length``."""
+        """``gt_length_multiplier`` x the longest reference turn of the batch, within ``max_completion_length``."""
         ebft = self.run.config.ebft
         if not ebft.adaptive_max_tokens:
             return self.base.max_tokens
-        longest = max(len(self.reward.reference_ids(row["ground_truth"])) for row in rows)
+        texts = [row["ground_truth"] for row in rows]
+        texts += [
+            turn["content"] for row in rows for _, turn in later_turns(row.get("remaining_turns") or [])
+        ]
+        longest = max(len(self.reward.reference_ids(text)) for text in texts)
         return max(1, min(self.base.max_tokens, math.ceil(longest * ebft.gt_length_multiplier)))
 
     def produce(self, rows, index):
         limit = self.max_tokens(rows)
         self.sampling = replace(self.base, max_tokens=limit)
-        rollout = super().produce(rows, index)
+        if "remaining_turns" in rows[0]:
+            rollout = self.produce_turns(rows, index)
+        else:
+            rollout = super().produce(rows, index)
         self.run.log_metrics({**self.reward.take_terms(), "ebft/max_tokens": limit})
         return rollout
+
+    def produce_turns(self, rows, index) -> Rollout:
+        """Generate the first assistant turn of each sample (n per prompt group), then each later turn
+        after the sample's conversation so far and the row's next user messages; score the whole."""
+        tokenizer, kwargs = self.reward.tokenizer, self.reward.template
+        groups = prompt_groups(rows)
+        sampling = replace(self.sampling, seed=rollout_seed(self.seed, index, self.rank))
+        started = time.perf_counter()
+        sizes = {end - start for start, end in groups}
+        if len(sizes) == 1:  # whole groups: one request of n per prompt
+            nested = self.generator.generate(
+                [rows[s]["prompt_ids"] for s, _ in groups], sizes.pop(), sampling
+            )
+        else:
+            nested = self.generator.generate([row["prompt_ids"] for row in rows], 1, sampling)
+        if isinstance(rows[0]["prompt"], str):
+            raise DataError("multi-turn rows (remaining_turns) need chat prompts: a list of messages")
+        room = self.run.config.train.sequence_len
+        episodes = [
+            Episode(row["prompt_ids"], list(row["prompt"]), later_turns(row["remaining_turns"]), room - len(row["prompt_ids"]))
+            for row in rows
+        ]  # fmt: skip
+        for episode, completion in zip(episodes, [c for group in nested for c in group], strict=True):
+            episode.add_turn(completion)
+        for turn in range(max(len(e.turns) for e in episodes)):
+            for episode in (e for e in episodes if e.wants(turn)):
+                episode.add_context(episode.turns[turn][0], tokenizer, kwargs)
+            live = [e for e in episodes if e.wants(turn)]  # those with room left after the context
+            if live:
+                generated = self.generator.generate(
+                    [e.prompt_ids + e.ids for e in live], 1, replace(sampling, seed=sampling.seed + turn + 1)
+                )
+                for episode, (completion,) in zip(live, generated, strict=True):
+                    episode.add_turn(completion)
+        completions = [e.completion(tokenizer) for e in episodes]
+        generation_seconds = time.perf_counter() - started
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ROW_KEYS}
+        columns |= {
+            "prompts": [row["prompt"] for row in rows],
+            "completion_ids": [c.token_ids for c in completions],
+            "completion_masks": [c.mask for c in completions],
+        }
+        scores = self.scorer.score(
+            [c.text for c in completions],
+            groups,
+            columns,
+            {"max_completion_length": self.sampling.max_tokens},
+        )
+        return Rollout(
+            index=index, rows=rows, completions=completions, rewards=scores.values, failures=scores.failures,
+            groups=groups, generation_seconds=generation_seconds, scoring_seconds=scores.seconds,
+        )  # fmt: skip
 
 
 class StructuredEBFT(GRPOMethod):
