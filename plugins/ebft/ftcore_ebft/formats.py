@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ftcore.data.formats import FormatOptions, RowFormat, normalize_messages
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 
 def _string(value, what: str) -> str:
@@ -57,13 +57,14 @@ class ChatOptions(FormatOptions):
         "rolls out the whole conversation turn by turn.",
     )
 
-    @model_validator(mode="after")
-    def _multi_turn_from_the_first(self):
-        if self.multi_turn and self.target != "first":
+    @field_validator("multi_turn")
+    @classmethod
+    def _from_the_first_turn(cls, value, info):
+        if value and info.data.get("target") != "first":
             raise ValueError(
                 'multi_turn = true rolls out from the first assistant turn: set target = "first"'
             )
-        return self
+        return value
 
 
 class Chat(RowFormat):

@@ -133,3 +133,22 @@ def test_importing_the_plugin_config_and_method_imports_no_torch():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_multi_turn_chat_rows_need_the_first_turn_as_target():
+    from ftcore.data.prepare import dataset_specs
+
+    config = raw("structured", plugins=("grpo", "ebft"))
+    config["datasets"] = [{"path": "rows.jsonl", "format": "ebft_chat", "options": {"multi_turn": True}}]
+    config["train"]["micro_batch_size"] = 8
+    config["grpo"] = {"max_completion_length": 32}
+    config, plugins = validate_config(config)
+    with pytest.raises(ConfigError) as info:
+        dataset_specs(config, plugins, ("prompt_only",))
+    assert info.value.key == "datasets.0.options"
+    assert str(info.value).endswith(
+        "option 'multi_turn': Value error, multi_turn = true rolls out from the first assistant turn: "
+        'set target = "first" (got True)'
+    )
+    config.datasets[0].options["target"] = "first"
+    assert dataset_specs(config, plugins, ("prompt_only",))[0].format.options.multi_turn

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from ftcore_ebft.features import layer_indices, pool, whiten
-from ftcore_ebft.reward import advantages, group_rewards
+from ftcore_ebft.reward import advantages, conversation_rewards, group_rewards
 
 
 def test_reward_terms_and_cfm_loss_match_hand_computed_values():
@@ -18,6 +18,18 @@ def test_reward_terms_and_cfm_loss_match_hand_computed_values():
     assert out.rewards.tolist() == pytest.approx([0.8 - 11.0, 0.6 - 9.75, 1.0 - 8.75])
     # |(7/3, 4) - (0, 1)|^2 = 49/9 + 9
     assert out.cfm_loss == pytest.approx(130 / 9)
+
+
+def test_a_multi_turn_group_scores_each_conversation_by_its_mean_turn_feature():
+    generated = [torch.tensor([[4.0, 0.0], [2.0, 4.0]]), torch.tensor([[0.0, 4.0]])]  # 2 turns; cut after 1
+    reference = torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    out = conversation_rewards(generated, reference, alignment_coef=1.0, diversity_coef=0.5)
+    # means (3, 2) and (0, 4) against the reference mean (1, 1): cos 5/sqrt(26) and 1/sqrt(2); dot 8
+    assert out.alignment.tolist() == pytest.approx([5 / math.sqrt(26), 1 / math.sqrt(2)])
+    assert out.diversity.tolist() == pytest.approx([8.0, 8.0])
+    assert out.rewards.tolist() == pytest.approx([10 / math.sqrt(26) - 8, math.sqrt(2) - 8])
+    # |(1.5, 3) - (1, 1)|^2
+    assert out.cfm_loss == pytest.approx(0.25 + 4)
 
 
 def test_a_single_sample_has_no_diversity_term():
