@@ -13,7 +13,7 @@ CHAT = [
         {"role": "user", "content": "What next?"},
         {"role": "assistant", "content": f"The {a} played in the park."},
     ]}
-    for a in ["cat", "dog", "bird", "fish"]
+    for a in ["cat", "dog", "bird", "fish", "frog", "duck", "bear", "fox"]
 ]  # fmt: skip
 
 
@@ -25,7 +25,8 @@ def multi_turn_config(path):
         "adapter": {"kind": "lora", "r": 8},
         "train": {"method": "ebft", "micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
                   "scheduler": "constant", "seed": 0, "save_steps": 2, "sequence_len": 128},
-        "grpo": {"num_generations": 2, "max_completion_length": 16, "temperature": 1.0, "stop": ["."]},
+        "grpo": {"num_generations": 2, "max_completion_length": 16, "temperature": 1.0,
+                 "stop": [".", ",", "!"]},
         "ebft": {"diversity_coef": 0.0, "adaptive_max_tokens": False},
     }  # fmt: skip
 
@@ -95,7 +96,7 @@ def test_a_multi_turn_rollout_generates_turn_by_turn_with_the_user_turn_as_conte
     # replay the two generate calls: the first turn (n = 2 of the prompt), then each second turn after it
     sampling = replace(producer.sampling, seed=rollout_seed(0, 6))
     firsts = producer.generator.generate([rows[0]["prompt_ids"]], 2, sampling)[0]
-    assert all(c.finish_reason == "stop" for c in firsts)  # both end in "." (a stop string): a second turn
+    assert all(c.finish_reason == "stop" for c in firsts)  # both end in a stop string: a second turn
     # the context: what the chat template adds after the first turn for the user turn and the next turn's prompt
     contexts = [
         c.token_ids[len(f.token_ids) :][: c.mask.count(0)]
@@ -140,3 +141,22 @@ def test_a_multi_turn_rollout_generates_turn_by_turn_with_the_user_turn_as_conte
     assert [f.shape[0] for f in features] == [2, 2, 2]
     expected = conversation_rewards(features[:2], features[2], 1.0, 0.0)
     assert [r[0] for r in rollout.rewards] == pytest.approx(expected.rewards.tolist(), abs=1e-5)
+
+
+def test_a_seeded_multi_turn_run_trains_and_resumes(run_ftcore, stories_file):
+    config = multi_turn_config(stories_file(CHAT))
+    run = run_ftcore(config, steps=4)
+    rows = {row["step"]: row for row in run.metrics if "ebft/alignment" in row}
+    assert sorted(rows) == [1, 2, 3, 4]
+    for row in rows.values():  # the reward grpo trained on is ebft's multi-turn one (no diversity term)
+        assert row["rewards/ebft/mean"] == pytest.approx(2 * row["ebft/alignment"], abs=1e-5)
+        assert row["grad_norm"] > 0
+    assert max(row["completions/max_length"] for row in rows.values()) > 16  # past one turn's max_tokens
+
+    for later in sorted((run.output_dir / "checkpoints").glob("step-*"))[1:]:
+        shutil.rmtree(later)  # as if the run had stopped after step 2
+    resumed = run_ftcore(config, steps=4, resume=True)
+    assert resumed.result.global_step == 4
+    again = {row["step"]: row for row in resumed.metrics if "ebft/alignment" in row}
+    for step in (3, 4):
+        assert again[step]["ebft/alignment"] == pytest.approx(rows[step]["ebft/alignment"], abs=1e-4)
