@@ -161,8 +161,8 @@ class Episode:
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] | None = field(default_factory=list)
     finish: str = "stop"
-    version: int = 0
-    generated: int = 0
+    version: int | None = None
+    """The policy version of the first turn."""
 
     def add(self, ids: list[int], trained: int, logprobs: list[float] | None) -> None:
         """Append tokens (cut at ``room``: the episode ends as truncated)."""
@@ -177,9 +177,8 @@ class Episode:
             self.logprobs = None
 
     def add_turn(self, completion: Completion) -> None:
-        if not self.generated:
+        if self.version is None:
             self.version = completion.policy_version
-        self.generated += 1
         self.add(completion.token_ids, 1, completion.logprobs)
         self.history.append({"role": "assistant", "content": completion.text})
         if completion.finish_reason == "length":
@@ -234,6 +233,8 @@ class EBFTProducer(RolloutProducer):
     def produce_turns(self, rows, index) -> Rollout:
         """Generate the first assistant turn of each sample (n per prompt group), then each later turn
         after the sample's conversation so far and the row's next user messages; score the whole."""
+        if isinstance(rows[0]["prompt"], str):
+            raise DataError("multi-turn rows (remaining_turns) need chat prompts: a list of messages")
         tokenizer, kwargs = self.reward.tokenizer, self.reward.template
         groups = prompt_groups(rows)
         sampling = replace(self.sampling, seed=rollout_seed(self.seed, index, self.rank))
@@ -245,8 +246,6 @@ class EBFTProducer(RolloutProducer):
             )
         else:
             nested = self.generator.generate([row["prompt_ids"] for row in rows], 1, sampling)
-        if isinstance(rows[0]["prompt"], str):
-            raise DataError("multi-turn rows (remaining_turns) need chat prompts: a list of messages")
         room = self.run.config.train.sequence_len
         episodes = [
             Episode(row["prompt_ids"], list(row["prompt"]), later_turns(row["remaining_turns"]), room - len(row["prompt_ids"]))
