@@ -11,6 +11,8 @@ back to TRL's ``[batch, completion_len]`` layout.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -43,14 +45,22 @@ def logps_and_entropies(model, unwrapped, input_ids, attention_mask, logits_to_k
 
     ``model`` is called (a DDP wrapper keeps its gradient hooks); ``unwrapped`` is the same model
     unwrapped, whose backbone and head are read."""
-    batch_size = batch_size or len(input_ids)
-    results = [
-        _packed_rows(model, unwrapped, input_ids[start : start + batch_size],
-                     attention_mask[start : start + batch_size], logits_to_keep, temperature, compute_entropy)  # fmt: skip
-        for start in range(0, len(input_ids), batch_size)
-    ]
-    logps = torch.cat([r[0] for r in results])
-    return logps, (torch.cat([r[1] for r in results]) if compute_entropy else None)
+    step = batch_size or len(input_ids)
+    logps, entropies = [], []
+    for i in range(0, len(input_ids), step):
+        rows = slice(i, i + step)
+        logp, entropy = _packed_rows(
+            model,
+            unwrapped,
+            input_ids[rows],
+            attention_mask[rows],
+            logits_to_keep,
+            temperature,
+            compute_entropy,
+        )
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None)
 
 
 def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, temperature, compute_entropy):
@@ -61,7 +71,9 @@ def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, te
     positions = (mask.cumsum(1) - 1)[mask]
     backbone, head = parts(unwrapped)
     captured = []
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    handle = backbone.register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state)
+    )
     try:  # logits of one position only: the LM head runs below, on completion positions
         model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=1, use_cache=False)
     finally:
@@ -69,10 +81,10 @@ def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, te
     targets = scored[mask].nonzero()[:, 0]
     hidden, labels = captured[0][0, targets - 1], ids[targets]  # the state before a token predicts it
     logps, entropies = [], []
+    score = partial(checkpoint, _score, use_reentrant=False) if hidden.requires_grad else _score
     for start in range(0, len(targets), HEAD_CHUNK):
-        args = (head, hidden[start : start + HEAD_CHUNK], labels[start : start + HEAD_CHUNK], temperature,
-                compute_entropy)  # fmt: skip
-        logp, entropy = checkpoint(_score, *args, use_reentrant=False) if hidden.requires_grad else _score(*args)
+        chunk = slice(start, start + HEAD_CHUNK)
+        logp, entropy = score(head, hidden[chunk], labels[chunk], temperature, compute_entropy)
         logps.append(logp)
         entropies.append(entropy)
     kept = scored[:, -logits_to_keep:]

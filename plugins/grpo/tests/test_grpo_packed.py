@@ -27,6 +27,8 @@ def by_length(completions, **kwargs):
     return [float(len(text) % 5) for text in completions]
 """
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = INTERPRETED or torch.cuda.is_available()
+"""Where ``ftcore_grpo.logprobs`` runs its Triton kernels."""
 
 
 def write_config(folder: Path, *, grpo: str = "", adapter: str = "", train: str = "") -> Path:
@@ -91,7 +93,9 @@ def forward(trainer, output, *, packed: bool, batch_size=None):
 def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path, temperature):
     trainer, output = build(tmp_path, f"temperature = {temperature}")
     prompt_mask, mask = output["prompt_mask"], output["completion_mask"].bool()
-    assert len(set(prompt_mask.sum(1).tolist())) > 1 and len(set(mask.sum(1).tolist())) > 1  # padding on both sides
+    assert (
+        len(set(prompt_mask.sum(1).tolist())) > 1 and len(set(mask.sum(1).tolist())) > 1
+    )  # padding on both sides
     weight = trainer.model.model.layers[0].self_attn.q_proj.weight
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
     results = {}
@@ -110,17 +114,26 @@ def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path
     assert padded[2].abs().max() > 1e-3
 
 
-def losses(folder: Path, *, packed: bool, grpo: str = "", adapter: str = "") -> list[float]:
+def test_a_micro_batch_without_completion_tokens_gives_zeros_and_a_gradient(tmp_path):
+    trainer, output = build(tmp_path)
+    output["completion_mask"] = torch.zeros_like(output["completion_mask"])  # e.g. all truncated and masked
+    logps, entropies, _ = forward(trainer, output, packed=True)
+    assert not logps.any() and not entropies.any()
+    logps.sum().backward()
+
+
+def losses(folder: Path, *, packed: bool, grpo: str = "", adapter: str = "") -> list[tuple[float, float]]:
+    """(loss, grad_norm) of each of 3 training steps."""
     folder.mkdir()
     path = write_config(
         folder,
         grpo=f"packed_forward = {str(packed).lower()}\n{grpo}",
         adapter=adapter,
-        train="max_steps = 3\nlogging_steps = 1\nsave_steps = 0\ngradient_accumulation_steps = 1",
+        train="max_steps = 3\nlogging_steps = 1\ngradient_accumulation_steps = 1",
     )
     config, plugins = load_config(path)
     result = run_training(config, plugins)
-    return [row["loss"] for row in read_metrics(result.output_dir) if "loss" in row]
+    return [(row["loss"], row["grad_norm"]) for row in read_metrics(result.output_dir) if "loss" in row]
 
 
 @pytest.mark.parametrize(
@@ -131,20 +144,24 @@ def losses(folder: Path, *, packed: bool, grpo: str = "", adapter: str = "") -> 
 def test_training_losses_equal_the_padded_path(tmp_path, grpo, adapter):
     padded = losses(tmp_path / "padded", packed=False, grpo=grpo, adapter=adapter)
     packed = losses(tmp_path / "packed", packed=True, grpo=grpo, adapter=adapter)
-    assert len(padded) == 3 and any(abs(v) > 1e-4 for v in padded)
-    assert packed == pytest.approx(padded, abs=1e-4, rel=1e-3)
+    assert len(padded) == 3 and any(abs(loss) > 1e-2 for loss, _ in padded)
+    for (loss, grad_norm), (expected_loss, expected_norm) in zip(packed, padded, strict=True):
+        assert loss == pytest.approx(expected_loss, abs=1e-5, rel=1e-4)
+        assert grad_norm == pytest.approx(expected_norm, rel=1e-4)
 
 
 def test_the_packed_forward_runs_the_triton_kernels_when_interpreted(tmp_path, monkeypatch):
     """Triton's autograd functions under ``TRITON_INTERPRET=1`` (a subprocess: it must be set before
     triton loads), the torch references otherwise; counted by wrappers that call the real ones."""
-    if not INTERPRETED and not torch.cuda.is_available():
+    if not TRITON:
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--import-mode=importlib",
              __file__, "-k", "test_the_packed_forward_runs_the_triton_kernels_when_interpreted"],
             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
-        assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]
+        assert result.returncode == 0 and " passed" in result.stdout, (
+            result.stdout[-6000:] + result.stderr[-3000:]
+        )
     calls = {}
 
     def counted(name, function):
@@ -154,15 +171,23 @@ def test_the_packed_forward_runs_the_triton_kernels_when_interpreted(tmp_path, m
 
         return wrapper
 
-    monkeypatch.setattr(logprobs._SelectiveLogSoftmax, "apply", counted("triton", logprobs._SelectiveLogSoftmax.apply))
+    monkeypatch.setattr(
+        logprobs._SelectiveLogSoftmax, "apply", counted("triton", logprobs._SelectiveLogSoftmax.apply)
+    )
     monkeypatch.setattr(logprobs._Entropy, "apply", counted("triton_entropy", logprobs._Entropy.apply))
     for name in ("selective_log_softmax_reference", "entropy_from_logits_reference"):
         monkeypatch.setattr(logprobs, name, counted(name, getattr(logprobs, name)))
     trainer, output = build(tmp_path)
     calls.clear()
-    logps, entropies, _ = forward(trainer, output, packed=True)
-    logps.sum().backward()
-    if INTERPRETED:
-        assert calls == {"triton": 1, "triton_entropy": 1}
+    logps, _, _ = forward(trainer, output, packed=True)
+    forward_calls = dict(calls)
+    logps.sum().backward()  # the LM head's chunk is recomputed: the log-prob function runs again
+    if TRITON:
+        assert (forward_calls, calls) == (
+            {"triton": 1, "triton_entropy": 1},
+            {"triton": 2, "triton_entropy": 1},
+        )
     else:
-        assert calls == {"selective_log_softmax_reference": 1, "entropy_from_logits_reference": 1}
+        assert forward_calls == {"selective_log_softmax_reference": 1, "entropy_from_logits_reference": 1}
+        assert calls["selective_log_softmax_reference"] == 2
+    assert trainer.model.model.layers[0].mlp.up_proj.weight.grad.abs().max() > 0
