@@ -10,7 +10,8 @@ workers with timeouts, truncation by finish reason, per-step rollout metrics, co
 a frozen-copy reference under full fine-tuning, resume at the right rollout, async prefetch
 (``ftcore_grpo.prefetch``), importance-sampling correction against the generator's log-probs
 (``ftcore_grpo.importance``: folded into per-token advantages, which TRL's losses accept) and the
-skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``).
+skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``),
+and log-prob forwards that pack the micro-batch without padding (``ftcore_grpo.packed``).
 The checkpoint state (``rollout_state``) comes back on ``--resume`` through ``run.stash["grpo"]``.
 """
 
