@@ -65,8 +65,10 @@ rewards = ["grpo_packed_rewards:by_length"]
     return path
 
 
-def build(folder: Path, grpo: str = ""):
-    config, plugins = load_config(write_config(folder, grpo=grpo))
+def build(folder: Path, grpo: str = "", dtype: str = "float32"):
+    path = write_config(folder, grpo=grpo)
+    path.write_text(path.read_text().replace('dtype = "float32"', f'dtype = "{dtype}"'))
+    config, plugins = load_config(path)
     model, tokenizer = load_model_and_tokenizer(config, plugins)
     run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=folder / "out")
     trainer = GRPOMethod().build_trainer(run)
@@ -112,6 +114,18 @@ def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path
         torch.testing.assert_close(grad, padded[2], atol=1e-4, rtol=1e-3)
         assert not logps[~mask].any()
     assert padded[2].abs().max() > 1e-3
+
+
+def test_bf16_packed_log_probs_are_within_rounding_of_the_padded_ones(tmp_path):
+    """bf16 weights, temperature 0.7: the two forwards differ by bf16 rounding only (measured on this
+    batch: padded and packed are 0.012 and 0.017 from a float32 forward of the same weights, on average)."""
+    trainer, output = build(tmp_path, "temperature = 0.7", dtype="bfloat16")
+    assert trainer.model.dtype == torch.bfloat16
+    mask = output["completion_mask"].bool()
+    padded, packed = (forward(trainer, output, packed=p)[0].detach() for p in (False, True))
+    assert packed.dtype == torch.float32
+    gap = (packed - padded)[mask].abs()
+    assert gap.mean() < 0.03 and gap.max() < 0.25
 
 
 def test_a_micro_batch_without_completion_tokens_gives_zeros_and_a_gradient(tmp_path):
