@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from ftcore.speed import VARLEN, packed_attention_kwargs
 from torch.utils.checkpoint import checkpoint
 
 from ftcore_grpo.logprobs import entropy_from_logits, selective_log_softmax
@@ -67,19 +68,38 @@ def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, te
     mask = attention_mask.bool()
     scored = mask.clone()
     scored[:, : mask.shape[1] - logits_to_keep] = False  # completion tokens
-    ids = input_ids[mask]
-    positions = (mask.cumsum(1) - 1)[mask]
+    lengths = mask.sum(1).tolist()
+    width, bins = max(lengths), pack_rows(lengths)
+    starts = [0] * len(lengths)  # where each row starts in the flattened [bins, width] batch
+    for b, rows in enumerate(bins):
+        offset = b * width
+        for row in rows:
+            starts[row], offset = offset, offset + lengths[row]
+    positions = mask.cumsum(1) - 1
+    dest = (torch.tensor(starts, device=mask.device)[:, None] + positions)[mask]  # each token's flat place
+    ids = input_ids.new_zeros(len(bins) * width).index_put_((dest,), input_ids[mask])
+    flat_positions = torch.zeros_like(ids).index_put_((dest,), positions[mask])  # a bin's tail: rows of one
+    ids, flat_positions = ids.view(len(bins), width), flat_positions.view(len(bins), width)
     backbone, head = parts(unwrapped)
+    attention = getattr(backbone.config, "_attn_implementation", None) or ""
+    boundaries = (
+        packed_attention_kwargs(flat_positions.cpu())
+        if attention == VARLEN or attention.startswith("flash_attention")
+        else {}
+    )
     captured = []
     handle = backbone.register_forward_hook(
         lambda module, args, output: captured.append(output.last_hidden_state)
     )
     try:  # logits of one position only: the LM head runs below, on completion positions
-        model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=1, use_cache=False)
+        model(input_ids=ids, position_ids=flat_positions, logits_to_keep=1, use_cache=False, **boundaries)
     finally:
         handle.remove()
-    targets = scored[mask].nonzero()[:, 0]
-    hidden, labels = captured[0][0, targets - 1], ids[targets]  # the state before a token predicts it
+    targets = dest[scored[mask]]
+    hidden = captured[0].reshape(-1, captured[0].shape[-1])[
+        targets - 1
+    ]  # the state before a token predicts it
+    labels = ids.view(-1)[targets]
     logps, entropies = [], []
     score = partial(checkpoint, _score, use_reentrant=False) if hidden.requires_grad else _score
     for start in range(0, len(targets), HEAD_CHUNK):
@@ -96,6 +116,21 @@ def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, te
         return torch.zeros(kept.shape, device=kept.device).masked_scatter(kept, torch.cat(values))
 
     return scatter(logps), (scatter(entropies) if compute_entropy else None)
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped first-fit decreasing into bins as long as the longest row: attention then
+    costs at most what the padded batch's does, also under a block-diagonal mask (sdpa, eager)."""
+    width, bins, room = max(lengths), [], []
+    for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((b for b, free in enumerate(room) if lengths[row] <= free), None)
+        if fits is None:
+            bins.append([row])
+            room.append(width - lengths[row])
+        else:
+            bins[fits].append(row)
+            room[fits] -= lengths[row]
+    return bins
 
 
 def _score(head, hidden, labels, temperature, compute_entropy):

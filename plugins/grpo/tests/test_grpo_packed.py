@@ -16,12 +16,20 @@ from ftcore.methods import Run
 from ftcore.metrics import read_metrics
 from ftcore.model import load_model_and_tokenizer
 from ftcore.pipeline import run_training
+from ftcore.speed import VARLEN, register_varlen_attention, varlen_attention_forward
 from ftcore.testing import stories_model
 from ftcore_grpo import logprobs
 from ftcore_grpo.method import GRPOMethod
+from ftcore_grpo.packed import pack_rows
+from transformers import AttentionInterface
 
 G = 4
-PROMPTS = ["Once upon a time, there was a little", "The dog", "Lily and Ben went to the big park", "One day"]
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily who liked to play in the big park with her dog",
+    "The dog",
+    "Lily and Ben went to the big park",
+    "One day",
+]
 REWARDS = """
 def by_length(completions, **kwargs):
     return [float(len(text) % 5) for text in completions]
@@ -32,7 +40,7 @@ TRITON = INTERPRETED or torch.cuda.is_available()
 
 
 def write_config(folder: Path, *, grpo: str = "", adapter: str = "", train: str = "") -> Path:
-    """grpo on stories260K over ``PROMPTS`` (prompts of 3 to 10 tokens; "." ends completions early)."""
+    """grpo on stories260K over ``PROMPTS`` (prompts of 3 to 25 tokens; "." ends completions early)."""
     (folder / "grpo_packed_rewards.py").write_text(REWARDS)
     (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     path = folder / "config.toml"
@@ -95,9 +103,10 @@ def forward(trainer, output, *, packed: bool, batch_size=None):
 def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path, temperature):
     trainer, output = build(tmp_path, f"temperature = {temperature}")
     prompt_mask, mask = output["prompt_mask"], output["completion_mask"].bool()
-    assert (
-        len(set(prompt_mask.sum(1).tolist())) > 1 and len(set(mask.sum(1).tolist())) > 1
-    )  # padding on both sides
+    prompt_lengths, completion_lengths = prompt_mask.sum(1), mask.sum(1)
+    assert len(set(prompt_lengths.tolist())) > 1 and len(set(completion_lengths.tolist())) > 1  # padded
+    lengths = (prompt_lengths + completion_lengths).tolist()
+    assert len(pack_rows(lengths)) < len(lengths)  # some packed rows hold several rows
     weight = trainer.model.model.layers[0].self_attn.q_proj.weight
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
     results = {}
@@ -114,6 +123,35 @@ def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path
         torch.testing.assert_close(grad, padded[2], atol=1e-4, rtol=1e-3)
         assert not logps[~mask].any()
     assert padded[2].abs().max() > 1e-3
+
+
+def test_varlen_attention_gets_the_rows_boundaries(tmp_path):
+    """Under ftcore's varlen attention (flash varlen on a GPU; here SDPA per document) the packed forward
+    passes the rows' boundaries (``cu_seq_lens``): the padded forward's log-probs under sdpa."""
+    trainer, output = build(tmp_path)
+    mask = output["completion_mask"].bool()
+    padded = forward(trainer, output, packed=False)[0].detach()
+    boundaries = []
+
+    def recorded(module, query, key, value, attention_mask, **kwargs):
+        boundaries.append(kwargs.get("cu_seq_lens_q"))
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    config = trainer.model.config
+    config._attn_implementation = register_varlen_attention()
+    AttentionInterface.register(VARLEN, recorded)
+    try:
+        logps = forward(trainer, output, packed=True)[0].detach()
+    finally:
+        config._attn_implementation = "sdpa"
+        register_varlen_attention()
+    assert boundaries and all(b is not None for b in boundaries)
+    torch.testing.assert_close(logps[mask], padded[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_pack_rows_fills_bins_of_the_longest_row_first_fit_decreasing():
+    assert pack_rows([5, 2, 3, 5, 1]) == [[0], [3], [2, 1], [4]]
+    assert pack_rows([4, 4]) == [[0], [1]]
 
 
 def test_bf16_packed_log_probs_are_within_rounding_of_the_padded_ones(tmp_path):
