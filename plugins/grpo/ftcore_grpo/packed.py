@@ -1,12 +1,13 @@
 """Per-token log-probs and entropies of completions from a packed forward: no compute on padding.
 
-The rows of a micro-batch, each its prompt and completion tokens without padding, are concatenated
-into one sequence whose ``position_ids`` restart at 0 per row; transformers' attention keeps the rows
-apart (a block-diagonal mask under sdpa and eager, document boundaries under flash attention and
-ftcore's ``varlen``). Only the hidden states that predict completion tokens go through the LM head,
+The rows of a micro-batch, each its prompt and completion tokens without padding, are packed
+first-fit into rows as long as the longest one (``pack_rows``), with ``position_ids`` restarting
+at 0 per row; transformers' attention keeps the rows apart (a block-diagonal mask under sdpa and
+eager; under flash attention and ftcore's ``varlen`` the rows' boundaries are passed, as for packed
+SFT batches). Only the hidden states that predict completion tokens go through the LM head,
 ``HEAD_CHUNK`` tokens at a time (recomputed in the backward pass, so one chunk of logits lives at a
-time), and ``ftcore_grpo.logprobs`` turns logits / temperature into log-probs and entropies, scattered
-back to TRL's ``[batch, completion_len]`` layout.
+time), and ``ftcore_grpo.logprobs`` turns logits / temperature into log-probs and entropies,
+scattered back to TRL's ``[batch, completion_len]`` layout.
 """
 
 from __future__ import annotations
