@@ -27,16 +27,14 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
 """Config attributes of models whose logits are more than the LM head's output (left to TRL's head)."""
 
 
-def parts(model):
-    """``(backbone, lm_head)`` of a causal LM, looking through peft."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model, base.get_output_embeddings()
+def _base(model):
+    """The transformers model, looking through peft."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def supported(model) -> bool:
     """Whether the logits of ``model`` are its LM head's output (no softcapping or scaling)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config.get_text_config()
+    config = _base(model).config.get_text_config()
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
@@ -81,7 +79,7 @@ def _packed_rows(model, unwrapped, input_ids, attention_mask, logits_to_keep, te
     ids = input_ids.new_zeros(len(bins) * width).index_put_((dest,), input_ids[mask])
     flat_positions = torch.zeros_like(ids).index_put_((dest,), positions[mask])  # a bin's tail: rows of one
     ids, flat_positions = ids.view(len(bins), width), flat_positions.view(len(bins), width)
-    backbone, head = parts(unwrapped)
+    backbone, head = _base(unwrapped).base_model, _base(unwrapped).get_output_embeddings()
     attention = getattr(backbone.config, "_attn_implementation", None) or ""
     boundaries = (
         packed_attention_kwargs(flat_positions.cpu())
