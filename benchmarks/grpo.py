@@ -118,9 +118,8 @@ def timing_callback(warmup: int, steps: int, result: dict):
             result["parameters"] = sum(p.numel() for p in model.parameters())
             compute_loss, timing = GRPOTrainer._compute_loss, self
 
-            def counted(
-                trainer, model, inputs
-            ):  # TRL's loss forward, padded or packed (ftcore's subclass too)
+            def counted(trainer, model, inputs):
+                """TRL's loss forward (ftcore's too), padded or packed: its completion tokens."""
                 if torch.is_grad_enabled():  # training, not evaluation
                     timing.pending += int(inputs["completion_mask"].sum())
                 return compute_loss(trainer, model, inputs)
