@@ -21,7 +21,12 @@ ftcore's time in generation. Configurations:
 - ``trl``: TRL ``GRPOTrainer`` as above.
 - ``ftcore-eager``: ftcore's grpo method, ``hf_cuda_graph = false`` (transformers' generate, like TRL).
 - ``ftcore``: ftcore's grpo method as configured by default: a static KV cache and a compiled,
-  CUDA-graphed decode step.
+  CUDA-graphed decode step; the policy forward packed (no padding) with grpo's log-prob kernels.
+- ``ftcore-padded``: the same with ``packed_forward = false``: TRL's padded policy forward and its
+  fused LM head. The report compares the training part of the step (median step - generation) and
+  peak memory with ``ftcore``'s.
+
+    python benchmarks/grpo.py --configs ftcore,ftcore-padded
 - ``ftcore-async``, ``ftcore-eager-async``: the same with ``async_prefetch = true``
   (``prefetch_depth = 1``): a copy of the policy generates the next batch in a background thread
   while this one trains, on the second GPU when two are visible (``hf_device = "cuda:1"``). The
@@ -58,7 +63,7 @@ MODELS = {
         tie_word_embeddings=True,
     ),
 }  # fmt: skip
-CONFIGS = ("trl", "ftcore-eager", "ftcore", "ftcore-async", "ftcore-eager-async")
+CONFIGS = ("trl", "ftcore-eager", "ftcore", "ftcore-padded", "ftcore-async", "ftcore-eager-async")
 MAX_PROMPT = 256
 """Prompts longer than this (in tokens) are left out, on both sides."""
 
@@ -100,6 +105,7 @@ def timing_callback(warmup: int, steps: int, result: dict):
     """Times steps warmup+1 .. warmup+steps and counts the completion tokens their loss forwards train."""
     import torch
     from transformers import TrainerCallback
+    from trl import GRPOTrainer
 
     cuda = torch.cuda.is_available()
     synchronize = torch.cuda.synchronize if cuda else lambda: None
@@ -110,16 +116,17 @@ def timing_callback(warmup: int, steps: int, result: dict):
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             result["parameters"] = sum(p.numel() for p in model.parameters())
-            model.register_forward_pre_hook(self.count, with_kwargs=True)
+            compute_loss, timing = GRPOTrainer._compute_loss, self
+
+            def counted(trainer, model, inputs):
+                """TRL's loss forward (ftcore's too), padded or packed: its completion tokens."""
+                if torch.is_grad_enabled():  # training, not evaluation
+                    timing.pending += int(inputs["completion_mask"].sum())
+                return compute_loss(trainer, model, inputs)
+
+            GRPOTrainer._compute_loss = counted
             self.start = time.perf_counter()
             self.pending = 0
-
-        def count(self, module, args, kwargs):
-            labels = kwargs.get("labels")
-            if (
-                labels is not None and torch.is_grad_enabled()
-            ):  # a loss forward (not generation, not old logps)
-                self.pending += int((labels != -100).sum())
 
         def on_step_end(self, args, state, control, **kwargs):
             synchronize()
@@ -204,6 +211,8 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, result: d
             "rewards": ["bench_rewards:reward"], "hf_cuda_graph": "eager" not in name, "log_completions_steps": 0,
         },
     }  # fmt: skip
+    if name == "ftcore-padded":
+        raw["grpo"]["packed_forward"] = False
     if name.endswith("-async"):
         raw["grpo"] |= {"async_prefetch": True, "prefetch_depth": 1}
         if torch.cuda.device_count() > 1:
@@ -284,6 +293,18 @@ def report(results: list[dict], args) -> str:
                 f"- {r['config']} vs trl: {r['tokens_per_second'] / trl['tokens_per_second']:.2f}x completion "
                 f"tokens trained per second, {memory:.2f}x peak memory"
             )
+    padded = next((r for r in done if r["config"] == "ftcore-padded"), None)
+    packed = next((r for r in done if r["config"] == "ftcore"), None)
+    if padded and packed and "generation_s_per_step" in padded and "generation_s_per_step" in packed:
+        trained = [r["median_step_s"] - r["generation_s_per_step"] for r in (packed, padded)]
+        memory = (
+            packed["peak_allocated_gib"] / padded["peak_allocated_gib"] if padded["peak_allocated_gib"] else 0
+        )
+        lines.append(
+            f"- packed vs padded policy forward (ftcore vs ftcore-padded): training part of the step "
+            f"{trained[0]:.2f} s vs {trained[1]:.2f} s ({trained[1] / trained[0]:.2f}x faster)"
+            + (f", {memory:.2f}x peak memory" if memory else "")
+        )
     for r in done:
         sync = next((s for s in done if f"{s['config']}-async" == r["config"]), None)
         if sync is None or "generation_s_per_step" not in sync:

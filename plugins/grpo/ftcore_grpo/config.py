@@ -181,6 +181,11 @@ class GRPOSection(Section):
         ge=1,
         description="Re-rolled prompt groups at most per batch (they replace the batch's last groups).",
     )
+    packed_forward: bool = Field(
+        True,
+        description="Pack each micro-batch's rows without padding for the policy, reference and old log-prob "
+        "forwards, and score completion tokens with grpo's log-prob kernels; false = TRL's padded forward.",
+    )
     skip_zero_advantage_batches: bool = Field(
         True,
         description="Skip forward and backward of micro-batches whose advantages are all zero (with beta = 0 "

@@ -10,7 +10,8 @@ workers with timeouts, truncation by finish reason, per-step rollout metrics, co
 a frozen-copy reference under full fine-tuning, resume at the right rollout, async prefetch
 (``ftcore_grpo.prefetch``), importance-sampling correction against the generator's log-probs
 (``ftcore_grpo.importance``: folded into per-token advantages, which TRL's losses accept) and the
-skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``).
+skipping of micro-batches whose advantages are all zero, replay and re-roll (``ftcore_grpo.replay``),
+and log-prob forwards that pack the micro-batch without padding (``ftcore_grpo.packed``).
 The checkpoint state (``rollout_state``) comes back on ``--resume`` through ``run.stash["grpo"]``.
 """
 
@@ -26,7 +27,7 @@ from ftcore.train import remove_default_printer
 from trl import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from ftcore_grpo import importance
+from ftcore_grpo import importance, packed
 from ftcore_grpo.config import importance_sampling
 from ftcore_grpo.prefetch import AsyncRollouts, RolloutPlan
 from ftcore_grpo.replay import Replay
@@ -258,8 +259,27 @@ class FtcoreGRPOTrainer(GRPOTrainer):
             if values.numel():
                 self._metrics[mode][name].append(reduce(values).item())
 
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **kwargs,
+    ):  # fmt: skip
+        """Log-probs and entropies of the completion tokens: from a packed forward (``[grpo]
+        packed_forward``, ``ftcore_grpo.packed``) for text models without router or logit transforms,
+        else TRL's padded forward."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        text_only = not compute_aux_loss and all(v is None for v in kwargs.values())
+        if self.grpo.packed_forward and text_only and packed.supported(unwrapped):
+            with self.accelerator.autocast():
+                logps, entropies = packed.logps_and_entropies(
+                    model, unwrapped, input_ids, attention_mask, logits_to_keep, temperature=self.temperature,
+                    batch_size=batch_size, compute_entropy=compute_entropy,
+                )  # fmt: skip
+            result = (logps, entropies, None)
+        else:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **kwargs,
+            )  # fmt: skip
         self._policy_logps = result[0]  # the last call of a loss is its forward: for the corrected KL term
         if self._loss_inputs is not None and "replayed" in self._loss_inputs:  # TRL reads the advantages next
             self._apply_importance(self._loss_inputs, result[0], "train" if self.model.training else "eval")
