@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from ftcore.train import remove_default_printer
 from trl import GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl.trainer.utils import RepeatSampler, add_fused_lm_head, disable_dropout_in_model
 
 from ftcore_grpo import importance, packed
 from ftcore_grpo.config import importance_sampling
@@ -44,6 +44,29 @@ TRL_TRUNCATION_METRICS = (
 )
 """TRL's metrics that call a completion truncated when it does not end in EOS (wrong with stop
 strings); ftcore logs ``completions/truncated_fraction`` from each completion's finish reason."""
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` whose epoch e is always the seeded generator's (e+1)-th permutation.
+
+    TRL's draws a new permutation per iteration from a generator seeded once, so a run resumed in
+    epoch e >= 1 (a fresh sampler) replayed epoch 0's order. Here ``set_epoch`` (which the trainer
+    calls before each epoch) or else the count of iterations picks the permutation: the same order
+    as TRL's sampler in an uninterrupted run, and after any resume.
+    """
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle and self.seed is not None:
+            self.generator.manual_seed(self.seed)
+            for _ in range(self.epoch):  # the permutations of the epochs before this one
+                torch.randperm(self.num_samples, generator=self.generator)
+        self.epoch += 1
+        return super().__iter__()
 
 
 class FtcoreGRPOTrainer(GRPOTrainer):
@@ -75,6 +98,13 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         self._policy_logps: torch.Tensor | None = None
         self._loss_inputs: dict | None = None
         remove_default_printer(self)
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return EpochRepeatSampler(
+            data_source=sampler.data_source, mini_repeat_count=sampler.mini_repeat_count,
+            batch_size=sampler.batch_size, repeat_count=sampler.repeat_count, shuffle=sampler.shuffle, seed=sampler.seed,
+        )  # fmt: skip
 
     def _send_telemetry(self):
         """ftcore reports nothing by default; TRL's usage ping stays off."""

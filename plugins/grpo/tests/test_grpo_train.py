@@ -170,3 +170,46 @@ def test_a_plugin_supplies_the_rollouts_through_grpo_rollout_producer(tmp_path, 
     assert token_count.produced == [0, 1]
     rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
     assert rows and all(row["reward"] == row["tokens"] for row in rows)
+
+
+@pytest.mark.parametrize("resume_at", [2, 3])  # at an epoch's end, and inside the second epoch
+def test_resume_in_a_later_epoch_continues_with_the_same_prompts(tmp_path, resume_at):
+    import shutil
+
+    path = write_config(tmp_path, steps=6, extra="")
+    rows = [{"prompt": f"Once upon a time, there was a {a} who", "animal": a} for a in ANIMALS[:4]]
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows)
+    )  # 2 steps an epoch
+    config, plugins = load_config(path, ["train.save_steps=1"])
+    run_training(config, plugins)
+    output_dir = tmp_path / "out"
+    expected = completions_by_step(output_dir)
+    for item in output_dir.iterdir():  # back to the checkpoint of step `resume_at`, as after a crash
+        if item.name.startswith("model") or item.suffix == ".safetensors":
+            item.unlink()
+    for checkpoint in (output_dir / "checkpoints").iterdir():
+        if checkpoint.name > step_dir(output_dir, resume_at).name:
+            shutil.rmtree(checkpoint)
+    config, plugins = load_config(path, ["train.save_steps=1"])
+    run_training(config, plugins, resume=True)
+    got = completions_by_step(output_dir)
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert {row["prompt"] for row in expected[1] + expected[2]} == {
+        row["prompt"] for row in expected[3] + expected[4]
+    }
+    for step in expected:
+        assert [row["prompt"] for row in got[step]] == [row["prompt"] for row in expected[step]], step
+
+
+def test_the_epoch_sampler_orders_prompts_as_trls_and_by_epoch_after_a_restart():
+    from ftcore_grpo.trainer import EpochRepeatSampler
+    from trl.trainer.utils import RepeatSampler
+
+    options = dict(data_source=range(10), mini_repeat_count=2, batch_size=3, repeat_count=2, seed=5)
+    trl, ours = RepeatSampler(**options), EpochRepeatSampler(**options)
+    epochs = [list(trl) for _ in range(3)]
+    assert [list(ours) for _ in range(3)] == epochs and epochs[0] != epochs[1]
+    restarted = EpochRepeatSampler(**options)
+    restarted.set_epoch(2)
+    assert list(restarted) == epochs[2]
