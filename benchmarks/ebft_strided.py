@@ -80,6 +80,7 @@ def run(mask: str, args) -> dict:
     network.states = timed_states
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     generator = torch.Generator().manual_seed(0)
+    sampler = torch.Generator(device).manual_seed(0)  # block tokens are sampled on the model's device
     points = anchors(args.seq_len, 0, ebft)
     total = Layout(
         args.seq_len, points, ebft.n_samples_per_prompt, ebft.generate_max_len, ebft.context_length
@@ -91,7 +92,7 @@ def run(mask: str, args) -> dict:
         ids = torch.randint(0, config.vocab_size, (args.seq_len,), generator=generator).to(device)
         sync(device)
         start = time.perf_counter()
-        result = document_loss(model, network, ids, 0, ebft, generator)
+        result = document_loss(model, network, ids, 0, ebft, sampler)
         result.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -131,7 +131,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0))
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # generator: on the logits' device
 
 
 @torch.no_grad()
@@ -248,11 +248,11 @@ class StridedTrainer(Trainer):
 
         remove_default_printer(self)
 
-    def _generator(self) -> torch.Generator:
-        """Sampling seeded by train.seed, the optimizer step and the draw within it (same on resume)."""
+    def _generator(self, device) -> torch.Generator:
+        """Sampling on ``device`` seeded by train.seed, the optimizer step and the draw within it (same on resume)."""
         key = f"ebft-{self.args.seed}-{self.state.global_step}-{self._draws}"
         self._draws += 1
-        return torch.Generator().manual_seed(random.Random(key).getrandbits(63))
+        return torch.Generator(device=device).manual_seed(random.Random(key).getrandbits(63))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.state.global_step != self._terms_step:
@@ -261,7 +261,7 @@ class StridedTrainer(Trainer):
         # document tokens read, for the progress line's tok/s
         self.state.num_input_tokens_seen += sum(len(ids) for ids in inputs["documents"])
         results = [
-            document_loss(model, self.network, ids, length, ebft, self._generator())
+            document_loss(model, self.network, ids, length, ebft, self._generator(ids.device))
             for ids, length in zip(inputs["documents"], inputs["prompt_lengths"], strict=True)
         ]
         for result in results:

@@ -24,8 +24,8 @@ def test_the_block_mask_matches_the_dense_mask_on_logits_and_generation(ftcore_t
     layout = Layout(150, list(range(8, 144, 8)), 3, Greedy.generate_max_len, context=12, pad_to=128)
     block_mask, dense_mask = attention_mask(flex, layout, "cuda"), attention_mask(dense, layout, "cuda")
     assert type(block_mask).__name__ == "BlockMask" and dense_mask.shape == (1, 1, layout.total, layout.total)
-    a = generate_blocks(flex, ids, layout, block_mask, Greedy, torch.Generator().manual_seed(0))
-    b = generate_blocks(dense, ids, layout, dense_mask, Greedy, torch.Generator().manual_seed(0))
+    a = generate_blocks(flex, ids, layout, block_mask, Greedy, torch.Generator("cuda").manual_seed(0))
+    b = generate_blocks(dense, ids, layout, dense_mask, Greedy, torch.Generator("cuda").manual_seed(0))
     assert torch.equal(a, b)
     _, _, positions = layout.tensors("cuda")
     with torch.no_grad():
