@@ -61,13 +61,15 @@ class FeatureNetwork:
     """Hidden states of the frozen feature model for token batches.
 
     Under an adapter it is the policy itself with the adapter disabled; otherwise a frozen copy
-    of the policy as given (on ``device``, default the policy's).
+    of the policy as given, on ``device``, or else wherever the policy is when features are
+    computed (the trainer moves the policy to its GPU after the copy is made).
     """
 
     def __init__(self, policy, fractions: list[float], device: str | None = None):
         from peft import PeftModel
 
         self.shared = isinstance(policy, PeftModel)
+        self.policy = policy if not (self.shared or device) else None  # the copy follows its device
         if self.shared:
             self.model = policy
         else:
@@ -86,6 +88,8 @@ class FeatureNetwork:
     @torch.no_grad()
     def states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """(B, T, len(layers) x hidden) normalised, concatenated states."""
+        if self.policy is not None and next(self.policy.parameters()).device != self.device:
+            self.model.to(next(self.policy.parameters()).device)
         device = self.device
         kwargs = {"attention_mask": attention_mask.to(device) if attention_mask is not None else None}
         if position_ids is not None:

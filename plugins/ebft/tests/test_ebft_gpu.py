@@ -53,3 +53,14 @@ def test_a_strided_run_trains_with_flex_attention(
     run = run_ftcore(config, steps=3)
     rows = [row for row in run.metrics if "ebft/alignment" in row]
     assert len(rows) == 3 and all(0 < row["ebft/ce_loss"] < 20 for row in rows)
+
+
+def test_the_frozen_feature_copy_follows_the_policy_to_its_gpu(ftcore_tiny_model_dir):
+    from ftcore_ebft.features import FeatureNetwork
+
+    policy = AutoModelForCausalLM.from_pretrained(ftcore_tiny_model_dir("llama"), dtype=torch.float32)
+    network, pinned = FeatureNetwork(policy, [0.5, 1.0]), FeatureNetwork(policy, [1.0], device="cpu")
+    policy.cuda()  # as the trainer does, after the method made the copy
+    ids = torch.randint(3, 500, (2, 12), device="cuda")
+    assert network.states(ids).device.type == "cuda" and network.device.type == "cuda"
+    assert pinned.states(ids).device.type == "cpu"  # feature_device wins
