@@ -156,8 +156,8 @@ def token_logprobs(hidden, head, targets, chunk: int, temperature: float = 1.0) 
     """log p(target) of each (N, H) hidden state, the output layer applied ``chunk`` rows at a time (each
     chunk recomputed in backward, so no (N, vocab) logits are kept)."""
 
-    def piece(h, t):
-        logits = head(h).float() / temperature
+    def piece(h, t):  # h may be float32: mixed precision hands the model's outputs back in float32
+        logits = head(h.to(head.weight.dtype)).float() / temperature
         return logits.gather(-1, t[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
     parts = [

@@ -225,3 +225,23 @@ def test_strided_with_ce_and_lora_logs_both_losses(run_ftcore, stories_file, sto
     row = next(r for r in run.metrics if r.get("step") == 2 and "ebft/ce_loss" in r)
     assert row["ebft/diversity"] == 0 and row["ebft/ce_loss"] > 0
     assert json.loads((run.output_dir / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_strided_run_trains_bf16_weights_under_mixed_precision(
+    run_ftcore, ftcore_tiny_model_dir, stories_file, story_texts
+):
+    """Mixed precision returns the model's hidden states in float32; the bf16 output layer still applies."""
+    config = {
+        "plugins": ["ebft"],
+        "model": {
+            "base": str(ftcore_tiny_model_dir("llama")),
+            "dtype": "bfloat16",
+            "gradient_checkpointing": False,
+        },
+        "datasets": [{"path": stories_file(story_texts), "format": "ebft_strided"}],
+        "train": {"method": "ebft", "precision": "bf16", "micro_batch_size": 2, "learning_rate": 1e-3},
+        "ebft": {"mode": "strided", "stride": 8, "generate_max_len": 4, "ce_coef": 0.1},
+    }
+    run = run_ftcore(config, steps=2)
+    rows = [row for row in run.metrics if "ebft/alignment" in row]
+    assert len(rows) == 2 and all(0 < row["ebft/ce_loss"] < 20 for row in rows)
