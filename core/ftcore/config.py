@@ -215,7 +215,8 @@ class DataSection(Section):
     split_special_tokens: bool = Field(
         True,
         description="Tokenize special tokens spelled out in row text (<|im_start|>, </s>) as plain text, so a row "
-        "cannot forge chat-template turns or train an end-of-sequence it only spells; the template's own stay special.",
+        "cannot forge chat-template turns or train an end-of-sequence it only spells; the template's own stay special. "
+        "Holds for SFT rows, DPO pairs and RL prompts.",
     )
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict,

@@ -32,6 +32,8 @@ OK, TRUNCATED, TOO_LONG, UNTRAINED, SKIPPED = 0, 1, 2, 3, 4
 """Values of the ``_status`` column: kept, kept truncated, dropped as too long, dropped with no trained
 token, skipped as a bad row (the chat template could not render it)."""
 WARN_ROWS = 5
+REWRITTEN = ("the chat template changes the special-token text in this row, so it cannot be kept as plain "
+             "text; remove it from the row, or set data.split_special_tokens = false")  # fmt: skip
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -321,6 +323,14 @@ class SpecialTokenText:
             return [self.neutral(item) for item in value]
         return value
 
+    def from_row(self, text: str, neutral: str) -> list[int] | None:
+        """Starts of the special-token texts in rendered ``text`` that came from the row, not the chat
+        template: those ``neutral`` (the same render with the row's text ``neutral``-ised) has changed;
+        None when the template moved characters (it rewrites special-token text)."""
+        if len(neutral) != len(text):
+            return None
+        return [start for start in self.starts(text) if neutral[start] == NEUTRAL]
+
     def split(self, encoding, ids: np.ndarray, labels: np.ndarray, starts: list[int]):
         """``ids``/``labels`` with each special token that begins at a character in ``starts`` replaced
         by the tokens of its text, trained as it was."""
@@ -339,6 +349,38 @@ class SpecialTokenText:
         if not last:
             return ids, labels
         return np.concatenate([*out_ids, ids[last:]]), np.concatenate([*out_labels, labels[last:]])
+
+
+def encode(
+    tokenizer, value: str | list[dict], *, split_special_tokens: bool = True, add_generation_prompt: bool = False,
+    tools: list | None = None, template_kwargs: dict[str, Any] | None = None,
+    special_text: SpecialTokenText | None = None,
+) -> list[int]:  # fmt: skip
+    """Token ids of a text (with the tokenizer's own special tokens, such as BOS) or of a conversation
+    rendered by the chat template, as ``tokenizer(text)`` and ``apply_chat_template`` make them, except
+    that with ``split_special_tokens`` special tokens spelled out in the text or messages are plain text,
+    as in SFT data; the template's own stay special. ``special_text``: a ``SpecialTokenText(tokenizer)``
+    to reuse across calls."""
+    special_text = (special_text or SpecialTokenText(tokenizer)) if split_special_tokens else None
+    starts: list[int] | None = []
+    if isinstance(value, str):
+        text = value
+        starts = special_text.starts(text) if special_text else []
+    else:
+        masker = ChatMasker(tokenizer, [], template_kwargs)
+        text = masker.render([value], tools, add_generation_prompt)[0][0]
+        if special_text and special_text.count([value, tools]):
+            neutral = masker.render(
+                [special_text.neutral(value)], special_text.neutral(tools), add_generation_prompt
+            )[0][0]
+            starts = special_text.from_row(text, neutral)
+            if starts is None:
+                raise DataError(REWRITTEN)
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=isinstance(value, str))
+    ids = np.asarray(encoding.ids, np.int32)
+    if starts:
+        ids = special_text.split(encoding, ids, ids, starts)[0]
+    return ids.tolist()
 
 
 def _strings(value: Any):
@@ -422,13 +464,11 @@ class Tokenizer:
         )
         split_at: list[list[int]] = [[] for _ in texts]
         for j, other in zip(rows, neutral, strict=True):
-            if len(other) != len(texts[j]):
-                self._bad_row(
-                    j, batch["_row"][j], failed, "the chat template changes the special-token text in this row, "
-                    "so it cannot be kept as plain text; remove it from the row, or set data.split_special_tokens = false",
-                )  # fmt: skip
+            starts = self.special_text.from_row(texts[j], other)
+            if starts is None:
+                self._bad_row(j, batch["_row"][j], failed, REWRITTEN)
                 continue
-            split_at[j] = [start for start in self.special_text.starts(texts[j]) if other[start] == NEUTRAL]
+            split_at[j] = starts
         return split_at
 
     def _bad_row(self, j: int, record: int, failed: set[int], problem: str) -> None:

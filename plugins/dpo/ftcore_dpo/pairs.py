@@ -3,7 +3,9 @@
 Tokenization follows TRL's own (``DPOTrainer._prepare_dataset``, through ``trl.data_utils``):
 message lists go through the chat template (the prompt with the generation prompt), strings
 through the tokenizer with EOS appended to each completion, and the completions start where the
-tokenized prompt and prompt+completion diverge. ftcore tokenizes before the trainer exists so
+tokenized prompt and prompt+completion diverge. Special tokens spelled out in row text are plain
+text under ``data.split_special_tokens``, as in SFT data (an ``</s>`` ending a completion then stays
+text and the eos is added). ftcore tokenizes before the trainer exists so
 that the length policy can name files and rows, ``preprocess --show`` shows exactly what
 trains, and the tokens are cached under the data fingerprint like SFT data.
 """
@@ -21,7 +23,7 @@ log = logging.getLogger("ftcore.data")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 KEPT, TRUNCATED, LONG_PROMPT, TOO_LONG = 0, 1, 2, 3
 """Values of the ``_status`` column of tokenized pairs."""
-PAIRS_VERSION = 1  # bump when the tokens made from the same rows change
+PAIRS_VERSION = 2  # bump when the tokens made from the same rows change
 
 
 @dataclass(frozen=True)
@@ -49,23 +51,35 @@ class PairData:
 
 
 def tokenize_pair(
-    tokenizer, row: dict[str, Any], template_kwargs: dict[str, Any] | None = None
+    tokenizer,
+    row: dict[str, Any],
+    template_kwargs: dict[str, Any] | None = None,
+    split_special_tokens: bool = True,
+    special_text=None,
 ) -> dict[str, list[int]]:
-    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, tokenized as TRL does."""
-    from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, tokenized as TRL does but
+    with ``data.split_special_tokens`` honoured (``ftcore.data.encode``)."""
+    from ftcore.data import encode
+    from trl.data_utils import common_prefix_length, is_conversational
+
+    def tokens(value, **kwargs) -> list[int]:
+        return encode(
+            tokenizer, value, split_special_tokens=split_special_tokens, special_text=special_text, **kwargs
+        )
 
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if is_conversational(row):
-        kwargs = {"tools": row.get("tools"), **(template_kwargs or {})}
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-        with_chosen = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
-        with_rejected = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
+        kwargs = {"tools": row.get("tools"), "template_kwargs": template_kwargs}
+        prompt_ids = tokens(prompt, add_generation_prompt=True, **kwargs)
+        with_chosen = tokens(prompt + chosen, **kwargs)
+        with_rejected = tokens(prompt + rejected, **kwargs)
     else:
-        eos = tokenizer.eos_token
-        chosen, rejected = (text if text.endswith(eos) else text + eos for text in (chosen, rejected))
-        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-        with_chosen = _tokenize(tokenizer, prompt + chosen)["input_ids"]
-        with_rejected = _tokenize(tokenizer, prompt + rejected)["input_ids"]
+        eos = tokenizer.eos_token_id
+        prompt_ids = tokens(prompt)
+        with_chosen, with_rejected = (
+            ids if ids and ids[-1] == eos else [*ids, eos]
+            for ids in (tokens(prompt + chosen), tokens(prompt + rejected))
+        )
     start = min(
         common_prefix_length(prompt_ids, with_chosen), common_prefix_length(prompt_ids, with_rejected)
     )
@@ -97,8 +111,8 @@ def fit_pair(ids: dict[str, list[int]], limits: Limits, truncate: bool) -> tuple
     }, TRUNCATED
 
 
-def _tokenize_and_fit(row, tokenizer, template_kwargs, limits: Limits, truncate: bool) -> dict[str, Any]:
-    ids, status = fit_pair(tokenize_pair(tokenizer, row, template_kwargs), limits, truncate)
+def _tokenize_and_fit(row, tokenizer, limits: Limits, truncate: bool, **options) -> dict[str, Any]:
+    ids, status = fit_pair(tokenize_pair(tokenizer, row, **options), limits, truncate)
     return {**ids, "_status": status}
 
 
@@ -106,9 +120,15 @@ class PairTokenizer:
     """``load_rows`` transform: one source's canonical rows -> tokenized pairs that fit, with counts."""
 
     def __init__(self, config, tokenizer):
+        from ftcore.data.tokenize import SpecialTokenText
+
         self.config, self.tokenizer = config, tokenizer
         self.limits = Limits.from_config(config)
-        self.template_kwargs = dict(config.data.chat_template_kwargs)
+        self.options = {  # tokenize_pair's
+            "template_kwargs": dict(config.data.chat_template_kwargs),
+            "split_special_tokens": config.data.split_special_tokens,
+            "special_text": SpecialTokenText(tokenizer),
+        }
         self.counts: list[dict[str, Any]] = []
 
     def __call__(self, spec, label: str, rows):
@@ -133,9 +153,9 @@ class PairTokenizer:
             _tokenize_and_fit,
             fn_kwargs={
                 "tokenizer": self.tokenizer,
-                "template_kwargs": self.template_kwargs,
                 "limits": self.limits,
                 "truncate": spec.excess_length == "truncate",
+                **self.options,
             },
             remove_columns=[c for c in rows.column_names if c != "_row"],
             features=features,
@@ -166,7 +186,7 @@ class PairTokenizer:
         from ftcore.data.sources import line_number
 
         index = next(i for i, code in enumerate(status) if code in (LONG_PROMPT, TOO_LONG))
-        ids = tokenize_pair(self.tokenizer, rows[index], self.template_kwargs)
+        ids = tokenize_pair(self.tokenizer, rows[index], **self.options)
         prompt, longest = len(ids["prompt_ids"]), max(len(ids["chosen_ids"]), len(ids["rejected_ids"]))
         limits = self.limits
         if status[index] == LONG_PROMPT:

@@ -1,7 +1,8 @@
 """Prompt rows for grpo: the config's ``prompt_only`` datasets with the prompts tokenized once.
 
 Chat prompts go through the chat template with the generation prompt (``data.chat_template_kwargs``
-updated by ``grpo.chat_template_kwargs``); text prompts through the tokenizer as they are. A
+updated by ``grpo.chat_template_kwargs``); text prompts through the tokenizer as they are. Special
+tokens spelled out in a prompt are plain text under ``data.split_special_tokens``, as in SFT data. A
 prompt that leaves no room for ``max_completion_length`` tokens within ``train.sequence_len`` is
 dropped and counted.
 """
@@ -31,19 +32,28 @@ def template_kwargs(config) -> dict[str, Any]:
     return {**config.data.chat_template_kwargs, **config.grpo.chat_template_kwargs}
 
 
-def tokenize_prompt(tokenizer, prompt, kwargs: dict[str, Any]) -> list[int]:
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"])
-    ids = tokenizer.apply_chat_template(
-        prompt, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs
+def tokenize_prompt(
+    tokenizer, prompt, kwargs: dict[str, Any], split_special_tokens: bool = True, special_text=None
+) -> list[int]:
+    """The token ids of a text prompt, or of chat messages with the generation prompt (``kwargs``: the
+    template's), special tokens spelled out in them plain text with ``split_special_tokens``."""
+    from ftcore.data import encode
+
+    return encode(
+        tokenizer,
+        prompt,
+        split_special_tokens=split_special_tokens,
+        add_generation_prompt=True,
+        template_kwargs=kwargs,
+        special_text=special_text,
     )
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def prepare_prompts(config, plugins, tokenizer) -> PromptData:
     from ftcore.data import load_rows
     from ftcore.data.cache import data_fingerprint, digest
     from ftcore.data.prepare import dataset_specs
+    from ftcore.data.tokenize import SpecialTokenText
 
     specs = dataset_specs(config, plugins, SCHEMAS)
     kwargs = template_kwargs(config)
@@ -57,8 +67,10 @@ def prepare_prompts(config, plugins, tokenizer) -> PromptData:
             key="model.chat_template",
         )
 
+    split, special_text = config.data.split_special_tokens, SpecialTokenText(tokenizer)
+
     def tokenize(row):
-        return {"prompt_ids": tokenize_prompt(tokenizer, row["prompt"], kwargs)}
+        return {"prompt_ids": tokenize_prompt(tokenizer, row["prompt"], kwargs, split, special_text)}
 
     dropped = 0
     parts = []
