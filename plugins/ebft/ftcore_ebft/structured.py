@@ -73,6 +73,7 @@ class FeatureReward:
     def __init__(self, run, network: FeatureNetwork):
         self.network, self.tokenizer, self.ebft = network, run.tokenizer, run.config.ebft
         self.template = template_kwargs(run.config)
+        self.split_special_tokens = run.config.data.split_special_tokens
         self.max_len = run.config.train.sequence_len
         self.terms: list[tuple[float, float, float, float]] = []
         """(alignment, diversity, cfm_loss, reward) of each group scored since ``take_terms``."""
@@ -107,7 +108,9 @@ class FeatureReward:
         completion_masks=None,
         **kwargs,
     ) -> list[float]:
-        prompt = tokenize_prompt(self.tokenizer, prompts[0], self.template)  # a group shares its prompt
+        prompt = tokenize_prompt(  # as grpo tokenized it for generation; a group shares its prompt
+            self.tokenizer, prompts[0], self.template, self.split_special_tokens
+        )
         masks = completion_masks or [None] * len(completion_ids)
         sequences = [prompt + list(ids) for ids in completion_ids]
         spans = [
