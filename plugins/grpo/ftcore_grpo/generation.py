@@ -156,19 +156,27 @@ class HFGenerator:
 
         rows = [ids for ids in prompt_ids for _ in range(n)]
         step = self.batch_size or len(rows)
-        seeded = sampling.seed is not None
         device = next(self.model.parameters()).device
-        devices = [device] if device.type == "cuda" else []
+        # transformers' generate samples from torch's global generator (seeded inside fork_rng); the
+        # decode loop from its own, so it never touches the global state that other threads use
+        seeded_globally = sampling.seed is not None and self.decode == "generate"
+        generator = None
+        if sampling.seed is not None and not seeded_globally:
+            generator = torch.Generator(device).manual_seed(sampling.seed)  # the same draws
         flat: list[Completion] = []
-        with torch.random.fork_rng(devices=devices, enabled=seeded):
-            if seeded:
+        with torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], enabled=seeded_globally
+        ):
+            if seeded_globally:
                 torch.manual_seed(sampling.seed)
             for start in range(0, len(rows), step):
-                flat += self._generate_rows(rows[start : start + step], sampling)
+                flat += self._generate_rows(rows[start : start + step], sampling, generator)
         self._graph_worked |= self.decode == "cuda_graph"
         return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
-    def _generate_rows(self, rows: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+    def _generate_rows(
+        self, rows: list[list[int]], sampling: SamplingParams, generator=None
+    ) -> list[Completion]:
         import torch
 
         model = self.model
@@ -188,7 +196,7 @@ class HFGenerator:
                 if self.decode == "generate":
                     new = self._transformers_generate(input_ids, attention_mask, recorder, sampling)
                 else:
-                    new = self._static_decode(input_ids, attention_mask, recorder, sampling)
+                    new = self._static_decode(input_ids, attention_mask, recorder, sampling, generator)
         finally:
             model.train(was_training)
         logprobs = recorder.finish(new)
@@ -224,7 +232,7 @@ class HFGenerator:
         )
         return sequences[:, input_ids.shape[1] :]
 
-    def _static_decode(self, input_ids, attention_mask, recorder, sampling: SamplingParams):
+    def _static_decode(self, input_ids, attention_mask, recorder, sampling: SamplingParams, generator=None):
         import torch
 
         from ftcore_grpo.decode import static_decode
@@ -233,7 +241,7 @@ class HFGenerator:
             scores = recorder(sequences, logits.float())  # as generate: float32 scores
             if sampling.temperature <= 0:
                 return scores.argmax(-1)
-            return torch.multinomial(torch.softmax(scores.float(), dim=-1), 1)[:, 0]
+            return torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=generator)[:, 0]
 
         return static_decode(
             self.model, input_ids, attention_mask, max_new_tokens=sampling.max_tokens, choose=choose,

@@ -176,3 +176,27 @@ def test_the_cuda_graph_decode_equals_the_eager_loop_on_a_gpu():
         assert graphed.decode == "cuda_graph"  # no fallback happened
         eager = HFGenerator(model, tokenizer, decode="static").generate(prompts, 4, sampling)
         assert sampled(out) == sampled(eager)
+
+
+def test_the_static_decode_loop_leaves_the_global_generator_to_other_threads(policy):
+    """Async prefetch generates in a background thread while the trainer draws from torch's global
+    generator: a seeded loop must neither reseed nor restore that generator under it."""
+    import threading
+
+    model, tokenizer = policy
+    sampling = SamplingParams(temperature=0.8, max_tokens=24, seed=5)
+    generator = HFGenerator(model, tokenizer, decode="static")
+    alone = generator.generate(prompt_ids(tokenizer), 4, sampling)
+    out = []
+    background = threading.Thread(
+        target=lambda: out.append(generator.generate(prompt_ids(tokenizer), 4, sampling))
+    )
+    torch.manual_seed(11)
+    background.start()
+    draws = []
+    while background.is_alive() or len(draws) < 10:  # the trainer's draws, all through the generation
+        draws.append(torch.rand(1).item())
+    background.join()
+    torch.manual_seed(11)
+    assert draws == [torch.rand(1).item() for _ in draws]
+    assert out[0] == alone
