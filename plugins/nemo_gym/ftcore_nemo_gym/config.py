@@ -26,7 +26,7 @@ class NemoGymSection(Section):
 
     result_neutral = (
         "url", "gym_dir", "python", "auto_start", "head_port", "start_timeout", "verify_timeout", "run_timeout",
-        "max_concurrency", "retries",
+        "max_concurrency", "retries", "stop_after_failed_rollouts",
     )  # fmt: skip
 
     url: str | None = Field(
@@ -59,6 +59,12 @@ class NemoGymSection(Section):
     max_concurrency: int = Field(16, ge=1, description="HTTP requests in flight at once.")
     retries: int = Field(
         2, ge=0, description="Retries (1 s apart, doubling) when a server does not answer at all."
+    )
+    stop_after_failed_rollouts: int = Field(
+        3,
+        ge=0,
+        description="Save a checkpoint and stop when every sample a Gym server handled failed in this many rollouts "
+        "in a row (e.g. an agent whose resource server died answers, but every episode errors); 0 = never.",
     )
     multi_turn: bool = Field(
         False,

@@ -92,6 +92,28 @@ class Outcome:
     tool_calls: int = 0
 
 
+class FailureStreaks:
+    """Rollouts in a row in which every sample a server handled failed, per server."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streaks = limit, defaultdict(int)
+
+    def observe(self, outcomes: list[Outcome]) -> str | None:
+        """The reason to stop once a server's streak reaches ``limit`` (0 = never), else None."""
+        servers = defaultdict(list)
+        for outcome in outcomes:
+            servers[outcome.server].append(outcome)
+        for server, group in servers.items():
+            failed = all(o.error is not None for o in group)
+            self.streaks[server] = self.streaks[server] + 1 if failed else 0
+            if self.limit and self.streaks[server] >= self.limit:
+                return (
+                    f"every sample of Gym server {server} failed in {self.limit} rollouts in a row (the last error: "
+                    f"{group[0].error}; nemo_gym.stop_after_failed_rollouts)"
+                )
+        return None
+
+
 class GymProducer(RolloutProducer):
     """Shared by both modes: routing, concurrency, metrics and the down-server rule."""
 
@@ -100,6 +122,7 @@ class GymProducer(RolloutProducer):
         self.deployment, self.run, self.section = deployment, run, deployment.section
         self.pool = ThreadPoolExecutor(self.section.max_concurrency, thread_name_prefix="nemo-gym")
         self.first_error_logged = False
+        self.failures = FailureStreaks(self.section.stop_after_failed_rollouts)
         self.named_version = None  # multi-turn: the policy version served under policy_name
         self.launcher = None  # the auto_start ng_run, stopped by close()
 
@@ -128,12 +151,13 @@ class GymProducer(RolloutProducer):
         servers = defaultdict(list)
         for outcome in outcomes:
             servers[outcome.server].append(outcome)
-        for group in servers.values():
-            if all(o.down for o in group):
-                self.run.stash.setdefault("nemo_gym", {})["down"] = (
-                    f"{group[0].error}. The run saved a checkpoint and stopped: restart the Gym server, then "
-                    "continue with ftcore run CONFIG --resume"
-                )
+        down = next((group[0].error for group in servers.values() if all(o.down for o in group)), None)
+        reason = down or self.failures.observe(outcomes)
+        if reason:
+            self.run.stash.setdefault("nemo_gym", {})["down"] = (
+                f"{reason}. The run saved a checkpoint and stopped: restart or fix the Gym deployment, then "
+                "continue with ftcore run CONFIG --resume"
+            )
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
