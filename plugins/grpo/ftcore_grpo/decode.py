@@ -43,6 +43,14 @@ def static_decode(
     import torch
     from transformers import StaticCache
 
+    if input_ids.device.type == "cuda" and input_ids.device != torch.device(
+        "cuda", torch.cuda.current_device()
+    ):
+        with torch.cuda.device(input_ids.device):  # capture and replay on the model's GPU (e.g. a background
+            return static_decode(  # thread's current device is cuda:0, its copy of the policy on cuda:1)
+                model, input_ids, attention_mask, max_new_tokens=max_new_tokens, choose=choose,
+                eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, cuda_graph=cuda_graph, check_every=check_every,
+            )  # fmt: skip
     batch, width = input_ids.shape
     length, device = width + max_new_tokens, input_ids.device
     cache = StaticCache(config=model.config, max_cache_len=length)
