@@ -213,3 +213,14 @@ def test_the_epoch_sampler_orders_prompts_as_trls_and_by_epoch_after_a_restart()
     restarted = EpochRepeatSampler(**options)
     restarted.set_epoch(2)
     assert list(restarted) == epochs[2]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_trains_under_bf16_mixed_precision(tmp_path, dtype):
+    """Mixed precision (autocast) with float32 or bf16 weights: the packed forward's LM head runs
+    outside autocast on the hidden states it captured."""
+    path = write_config(tmp_path, steps=2)
+    config, plugins = load_config(path, ['train.precision="bf16"', f'model.dtype="{dtype}"'])
+    run_training(config, plugins)
+    rows = [row for row in read_metrics(tmp_path / "out") if "loss" in row]
+    assert len(rows) == 2 and all(row["loss"] == row["loss"] for row in rows)
