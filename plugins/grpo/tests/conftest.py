@@ -132,9 +132,11 @@ max_model_len = 256
 
 
 def write_stories_config(folder: Path, prompts: list[str], *, plugins: str = '"grpo"', data: str = "",
-                         train: str = "", grpo: str = "") -> Path:  # fmt: skip
-    """``folder/prompts.jsonl`` of ``prompts`` and ``folder/config.toml``: grpo on stories260K (float32)
-    over them, with the tables' extra lines given; returns the config's path."""
+                         train: str = "", grpo: str = "", adapter: str = "", dtype: str = "float32",
+                         num_generations: int = 4, completion_length: int = 8) -> Path:  # fmt: skip
+    """``folder/prompts.jsonl`` of ``prompts`` and ``folder/config.toml``: grpo on stories260K over
+    them, with the tables' extra lines given (``adapter``: a whole ``[adapter]`` table); returns the
+    config's path."""
     from ftcore.testing import stories_model
 
     (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -142,7 +144,8 @@ def write_stories_config(folder: Path, prompts: list[str], *, plugins: str = '"g
     path.write_text(f"""plugins = [{plugins}]
 [model]
 base = "{stories_model()}"
-dtype = "float32"
+dtype = "{dtype}"
+{adapter}
 [[datasets]]
 path = "prompts.jsonl"
 format = "prompt"
@@ -153,17 +156,42 @@ method = "grpo"
 output_dir = "out"
 {train}
 [grpo]
-num_generations = 4
-max_completion_length = 8
+num_generations = {num_generations}
+max_completion_length = {completion_length}
 {grpo}
 """)
     return path
+
+
+def build_stories_trainer(path: Path, overrides: list[str] = ()):
+    """The grpo trainer of the config at ``path`` (with ``--set`` style ``overrides``) through the
+    real method (its model loaded, in training mode, as the training loop leaves it before a micro-batch)."""
+    from ftcore.config import load_config
+    from ftcore.methods import Run
+    from ftcore.model import load_model_and_tokenizer
+    from ftcore_grpo.method import GRPOMethod
+
+    config, plugins = load_config(path, list(overrides))
+    model, tokenizer = load_model_and_tokenizer(config, plugins)
+    run = Run(
+        config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=path.parent / "out"
+    )
+    trainer = GRPOMethod().build_trainer(run)
+    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
+    trainer.model.train()
+    return trainer
 
 
 @pytest.fixture(scope="session")
 def stories_config():
     """``write_stories_config`` for tests."""
     return write_stories_config
+
+
+@pytest.fixture(scope="session")
+def stories_trainer():
+    """``build_stories_trainer`` for tests."""
+    return build_stories_trainer
 
 
 @pytest.fixture(scope="session")

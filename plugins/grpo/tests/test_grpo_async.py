@@ -166,21 +166,12 @@ def test_all_zero_advantage_micro_batches_are_skipped_and_counted(tmp_path, writ
 # -- the correction inside the trainer, by hand
 
 
-def build_trainer(path):
-    """The grpo trainer of the config at ``path`` (2 prompt groups of 4 per step), via the real method."""
-    from ftcore.methods import Run
-    from ftcore.model import load_model_and_tokenizer
-    from ftcore_grpo.method import GRPOMethod
-
-    config, plugins = load_config(path, ["train.micro_batch_size=8", "train.gradient_accumulation_steps=1"])
-    model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(
-        config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=path.parent / "out"
+@pytest.fixture
+def build_trainer(stories_trainer):
+    """``build_trainer(path)``: the grpo trainer of the config at ``path`` (2 prompt groups of 4 per step)."""
+    return lambda path: stories_trainer(
+        path, ["train.micro_batch_size=8", "train.gradient_accumulation_steps=1"]
     )
-    trainer = GRPOMethod().build_trainer(run)
-    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
-    trainer.model.train()
-    return trainer
 
 
 def completion_logps(model, output):
@@ -210,7 +201,7 @@ def move_the_policy_after_each_rollout(trainer) -> None:
     trainer.producer.produce = produce_then_train
 
 
-def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path, write_config):
+def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path, write_config, build_trainer):
     """The policy moves after sampling (as with a stale generator): advantages are weighted by
     min(p_trainer / p_generator, C) per token, and off-policy sequence masking drops the
     negative-advantage sequences whose mean log-prob gap exceeds the threshold."""
@@ -250,7 +241,7 @@ def test_stale_completions_are_weighted_and_masked_in_the_loss(tmp_path, write_c
     )
 
 
-def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path, write_config):
+def test_streaming_scores_chunks_of_groups_as_they_are_generated(tmp_path, write_config, build_trainer):
     from ftcore_grpo.rollout import RolloutProducer, rollout_seed
 
     trainer = build_trainer(write_config(tmp_path))
@@ -309,7 +300,7 @@ def test_two_processes_rank_0_generates_and_broadcasts(tmp_path, write_config):
     assert [row["rollout"] for row in samples] == [0] * 4 + [1] * 4 + [2] * 4  # rank 0's group
 
 
-def test_the_kl_term_can_take_the_same_correction(tmp_path, write_config):
+def test_the_kl_term_can_take_the_same_correction(tmp_path, write_config, build_trainer):
     """beta > 0 with importance_sampling_kl: each token's KL to the reference is weighted by its
     (capped) importance weight, so the loss is -sum(A w) / N + beta * sum(w KL) / N (dapo)."""
     beta, cap = 0.5, 10.0

@@ -4,15 +4,9 @@ stories260K through the real method and TRL trainer, against values computed her
 import json
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
-from ftcore.config import load_config
-from ftcore.methods import Run
-from ftcore.model import load_model_and_tokenizer
-from ftcore.testing import stories_model
-from ftcore_grpo.method import GRPOMethod
 
 G = 4
 MAX_COMPLETION = 12
@@ -32,40 +26,21 @@ def none_first(completions, **kwargs):
 '''
 
 
-def build(tmp_path: Path, grpo: str, adapter: str = ""):
-    """The grpo trainer of a config on stories260K (2 prompt groups of 4 per step), via the real method."""
-    (tmp_path / "grpo_test_rewards.py").write_text(REWARDS)
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    (tmp_path / "config.toml").write_text(f"""
-plugins = ["grpo"]
-[model]
-base = "{stories_model()}"
-dtype = "float32"
-{adapter}
-[[datasets]]
-path = "prompts.jsonl"
-format = "prompt"
-[data]
-shuffle = false
-[train]
-method = "grpo"
-output_dir = "out"
-micro_batch_size = {2 * G}
-sequence_len = 64
-learning_rate = 1e-3
-[grpo]
-num_generations = {G}
-max_completion_length = {MAX_COMPLETION}
-stop = ["."]
-{grpo}
-""")
-    config, plugins = load_config(tmp_path / "config.toml")
-    model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=tmp_path / "out")
-    trainer = GRPOMethod().build_trainer(run)
-    trainer.current_gradient_accumulation_steps = 1  # what the training loop sets
-    trainer.model.train()
-    return trainer
+@pytest.fixture
+def build(tmp_path, stories_config, stories_trainer):
+    """``build(grpo, adapter="")``: the grpo trainer of a config on stories260K (2 prompt groups of 4 per
+    step), via the real method."""
+
+    def make(grpo: str, adapter: str = ""):
+        (tmp_path / "grpo_test_rewards.py").write_text(REWARDS)
+        path = stories_config(
+            tmp_path, PROMPTS, adapter=adapter, data="shuffle = false",
+            train=f"micro_batch_size = {2 * G}\nsequence_len = 64\nlearning_rate = 1e-3",
+            grpo=f'stop = ["."]\n{grpo}', num_generations=G, completion_length=MAX_COMPLETION,
+        )  # fmt: skip
+        return stories_trainer(path)
+
+    return make
 
 
 def rollout(trainer):
@@ -134,9 +109,8 @@ def expected_advantages(rewards, weights, aggregation):
     ],
     ids=["grpo-partial-none", "gdpo", "grpo-all-none"],
 )
-def test_advantages_follow_the_aggregation_and_leave_none_out(tmp_path, aggregation, rewards, weights):
+def test_advantages_follow_the_aggregation_and_leave_none_out(build, aggregation, rewards, weights):
     trainer = build(
-        tmp_path,
         f'rewards = {json.dumps(rewards)}\nreward_weights = {weights}\nreward_aggregation = "{aggregation}"',
     )
     output, rollout_ = rollout(trainer)
@@ -150,9 +124,8 @@ def test_advantages_follow_the_aggregation_and_leave_none_out(tmp_path, aggregat
         assert output["advantages"][0] == 0 and output["advantages"][G] == 0
 
 
-def test_every_loss_type_matches_the_clipped_objective_by_hand(tmp_path):
+def test_every_loss_type_matches_the_clipped_objective_by_hand(build):
     trainer = build(
-        tmp_path,
         'rewards = ["grpo_test_rewards:by_length"]\nnum_iterations = 2\nepsilon = 0.05\nepsilon_high = 0.08\n'
         "temperature = 0.9",
     )
@@ -204,8 +177,8 @@ def kl_by_hand(ref, new, mask):
     return per_token, ((per_token * mask).sum() / mask.sum()).item()
 
 
-def test_kl_to_a_frozen_copy_under_full_fine_tuning(tmp_path):
-    trainer = build(tmp_path, 'rewards = ["grpo_test_rewards:by_length"]\nbeta = 0.2\nloss_type = "bnpo"')
+def test_kl_to_a_frozen_copy_under_full_fine_tuning(build):
+    trainer = build('rewards = ["grpo_test_rewards:by_length"]\nbeta = 0.2\nloss_type = "bnpo"')
     model = trainer.model
     assert trainer.ref_model is not None and trainer.ref_model is not model
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
@@ -224,9 +197,8 @@ def test_kl_to_a_frozen_copy_under_full_fine_tuning(tmp_path):
     assert mean_kl > 0.01 and trainer._metrics["train"]["kl"][-1] == pytest.approx(mean_kl, rel=1e-4)
 
 
-def test_kl_to_the_adapter_disabled_base_under_lora(tmp_path):
+def test_kl_to_the_adapter_disabled_base_under_lora(build):
     trainer = build(
-        tmp_path,
         'rewards = ["grpo_test_rewards:by_length"]\nbeta = 0.1',
         adapter='[adapter]\nkind = "lora"\nr = 4',
     )

@@ -3,7 +3,6 @@ one, on the real stories260K through the real method and TRL trainer: per-token 
 and gradients, training losses under LoRA and under full fine-tuning with a KL term, and which
 log-prob kernels run (Triton under ``TRITON_INTERPRET=1``, the torch reference otherwise)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,14 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from ftcore.config import load_config
-from ftcore.methods import Run
 from ftcore.metrics import read_metrics
-from ftcore.model import load_model_and_tokenizer
 from ftcore.pipeline import run_training
 from ftcore.speed import VARLEN, register_varlen_attention, varlen_attention_forward
-from ftcore.testing import stories_model
 from ftcore_grpo import logprobs
-from ftcore_grpo.method import GRPOMethod
 from ftcore_grpo.packed import pack_rows
 from transformers import AttentionInterface
 
@@ -39,51 +34,35 @@ TRITON = INTERPRETED or torch.cuda.is_available()
 """Where ``ftcore_grpo.logprobs`` runs its Triton kernels."""
 
 
-def write_config(folder: Path, *, grpo: str = "", adapter: str = "", train: str = "") -> Path:
-    """grpo on stories260K over ``PROMPTS`` (prompts of 3 to 25 tokens; "." ends completions early)."""
-    (folder / "grpo_packed_rewards.py").write_text(REWARDS)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    path = folder / "config.toml"
-    path.write_text(f"""
-plugins = ["grpo"]
-[model]
-base = "{stories_model()}"
-dtype = "float32"
-{adapter}
-[[datasets]]
-path = "prompts.jsonl"
-format = "prompt"
-[data]
-shuffle = false
-[train]
-method = "grpo"
-output_dir = "out"
-micro_batch_size = {2 * G}
-sequence_len = 64
-learning_rate = 1e-3
-seed = 1
-{train}
-[grpo]
-num_generations = {G}
-max_completion_length = 12
-stop = ["."]
-rewards = ["grpo_packed_rewards:by_length"]
-{grpo}
-""")
-    return path
+@pytest.fixture
+def write_config(stories_config):
+    """``write_config(folder, grpo="", adapter="", train="", dtype="float32")``: grpo on stories260K over
+    ``PROMPTS`` (prompts of 3 to 25 tokens; "." ends completions early)."""
+
+    def write(
+        folder: Path, *, grpo: str = "", adapter: str = "", train: str = "", dtype: str = "float32"
+    ) -> Path:
+        (folder / "grpo_packed_rewards.py").write_text(REWARDS)
+        return stories_config(
+            folder, PROMPTS, adapter=adapter, dtype=dtype, data="shuffle = false",
+            train=f"micro_batch_size = {2 * G}\nsequence_len = 64\nlearning_rate = 1e-3\nseed = 1\n{train}",
+            grpo=f'stop = ["."]\nrewards = ["grpo_packed_rewards:by_length"]\n{grpo}', num_generations=G,
+            completion_length=12,
+        )  # fmt: skip
+
+    return write
 
 
-def build(folder: Path, grpo: str = "", dtype: str = "float32"):
-    path = write_config(folder, grpo=grpo)
-    path.write_text(path.read_text().replace('dtype = "float32"', f'dtype = "{dtype}"'))
-    config, plugins = load_config(path)
-    model, tokenizer = load_model_and_tokenizer(config, plugins)
-    run = Run(config=config, plugins=plugins, model=model, tokenizer=tokenizer, output_dir=folder / "out")
-    trainer = GRPOMethod().build_trainer(run)
-    trainer.current_gradient_accumulation_steps = 1
-    trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in (0, 1, 2, 3) for _ in range(G // 2)]
-    return trainer, trainer._generate_and_score_completions(rows)
+@pytest.fixture
+def build(tmp_path, write_config, stories_trainer):
+    """``build(grpo="", dtype="float32")``: the trainer and one scored rollout of 4 prompts x 2."""
+
+    def make(grpo: str = "", dtype: str = "float32"):
+        trainer = stories_trainer(write_config(tmp_path, grpo=grpo, dtype=dtype))
+        rows = [trainer.train_dataset[i] for i in (0, 1, 2, 3) for _ in range(G // 2)]
+        return trainer, trainer._generate_and_score_completions(rows)
+
+    return make
 
 
 def forward(trainer, output, *, packed: bool, batch_size=None):
@@ -100,8 +79,8 @@ def forward(trainer, output, *, packed: bool, batch_size=None):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path, temperature):
-    trainer, output = build(tmp_path, f"temperature = {temperature}")
+def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(build, tmp_path, temperature):
+    trainer, output = build(f"temperature = {temperature}")
     prompt_mask, mask = output["prompt_mask"], output["completion_mask"].bool()
     prompt_lengths, completion_lengths = prompt_mask.sum(1), mask.sum(1)
     assert len(set(prompt_lengths.tolist())) > 1 and len(set(completion_lengths.tolist())) > 1  # padded
@@ -125,10 +104,10 @@ def test_packed_log_probs_entropies_and_gradients_equal_the_padded_ones(tmp_path
     assert padded[2].abs().max() > 1e-3
 
 
-def test_varlen_attention_gets_the_rows_boundaries(tmp_path):
+def test_varlen_attention_gets_the_rows_boundaries(build, tmp_path):
     """Under ftcore's varlen attention (flash varlen on a GPU; here SDPA per document) the packed forward
     passes the rows' boundaries (``cu_seq_lens``): the padded forward's log-probs under sdpa."""
-    trainer, output = build(tmp_path)
+    trainer, output = build()
     mask = output["completion_mask"].bool()
     padded = forward(trainer, output, packed=False)[0].detach()
     boundaries = []
@@ -154,10 +133,10 @@ def test_pack_rows_fills_bins_of_the_longest_row_first_fit_decreasing():
     assert pack_rows([4, 4]) == [[0], [1]]
 
 
-def test_bf16_packed_log_probs_are_within_rounding_of_the_padded_ones(tmp_path):
+def test_bf16_packed_log_probs_are_within_rounding_of_the_padded_ones(build, tmp_path):
     """bf16 weights, temperature 0.7: the two forwards differ by bf16 rounding only (measured on this
     batch: padded and packed are 0.012 and 0.017 from a float32 forward of the same weights, on average)."""
-    trainer, output = build(tmp_path, "temperature = 0.7", dtype="bfloat16")
+    trainer, output = build("temperature = 0.7", dtype="bfloat16")
     assert trainer.model.dtype == torch.bfloat16
     mask = output["completion_mask"].bool()
     padded, packed = (forward(trainer, output, packed=p)[0].detach() for p in (False, True))
@@ -166,15 +145,17 @@ def test_bf16_packed_log_probs_are_within_rounding_of_the_padded_ones(tmp_path):
     assert gap.mean() < 0.03 and gap.max() < 0.25
 
 
-def test_a_micro_batch_without_completion_tokens_gives_zeros_and_a_gradient(tmp_path):
-    trainer, output = build(tmp_path)
+def test_a_micro_batch_without_completion_tokens_gives_zeros_and_a_gradient(build, tmp_path):
+    trainer, output = build()
     output["completion_mask"] = torch.zeros_like(output["completion_mask"])  # e.g. all truncated and masked
     logps, entropies, _ = forward(trainer, output, packed=True)
     assert not logps.any() and not entropies.any()
     logps.sum().backward()
 
 
-def losses(folder: Path, *, packed: bool, grpo: str = "", adapter: str = "") -> list[tuple[float, float]]:
+def losses(
+    write_config, folder: Path, *, packed: bool, grpo: str = "", adapter: str = ""
+) -> list[tuple[float, float]]:
     """(loss, grad_norm) of each of 3 training steps."""
     folder.mkdir()
     path = write_config(
@@ -193,16 +174,16 @@ def losses(folder: Path, *, packed: bool, grpo: str = "", adapter: str = "") -> 
     [("", '[adapter]\nkind = "lora"\nr = 4'), ("beta = 0.1\nnum_iterations = 2", "")],
     ids=["lora", "full-beta-iterations"],
 )
-def test_training_losses_equal_the_padded_path(tmp_path, grpo, adapter):
-    padded = losses(tmp_path / "padded", packed=False, grpo=grpo, adapter=adapter)
-    packed = losses(tmp_path / "packed", packed=True, grpo=grpo, adapter=adapter)
+def test_training_losses_equal_the_padded_path(write_config, tmp_path, grpo, adapter):
+    padded = losses(write_config, tmp_path / "padded", packed=False, grpo=grpo, adapter=adapter)
+    packed = losses(write_config, tmp_path / "packed", packed=True, grpo=grpo, adapter=adapter)
     assert len(padded) == 3 and any(abs(loss) > 1e-2 for loss, _ in padded)
     for (loss, grad_norm), (expected_loss, expected_norm) in zip(packed, padded, strict=True):
         assert loss == pytest.approx(expected_loss, abs=1e-5, rel=1e-4)
         assert grad_norm == pytest.approx(expected_norm, rel=1e-4)
 
 
-def test_the_packed_forward_runs_the_triton_kernels_when_interpreted(tmp_path, monkeypatch):
+def test_the_packed_forward_runs_the_triton_kernels_when_interpreted(build, tmp_path, monkeypatch):
     """Triton's autograd functions under ``TRITON_INTERPRET=1`` (a subprocess: it must be set before
     triton loads), the torch references otherwise; counted by wrappers that call the real ones."""
     if not TRITON:
@@ -229,7 +210,7 @@ def test_the_packed_forward_runs_the_triton_kernels_when_interpreted(tmp_path, m
     monkeypatch.setattr(logprobs._Entropy, "apply", counted("triton_entropy", logprobs._Entropy.apply))
     for name in ("selective_log_softmax_reference", "entropy_from_logits_reference"):
         monkeypatch.setattr(logprobs, name, counted(name, getattr(logprobs, name)))
-    trainer, output = build(tmp_path)
+    trainer, output = build()
     calls.clear()
     logps, _, _ = forward(trainer, output, packed=True)
     forward_calls = dict(calls)
