@@ -78,6 +78,8 @@ class Section(BaseModel):
     result_neutral: ClassVar[tuple[str, ...]] = ()
     """Keys of this table that may change between a run and its ``--resume`` without changing what it
     trains (a server's address, timeouts); every other key changed makes ``--resume`` ask for ``--force``."""
+    renamed: ClassVar[dict[str, str]] = {}
+    """Former keys of this table and what replaced them: such a key is an error that names the new key."""
 
 
 def result_neutral_keys(section: BaseModel, prefix: str = "") -> list[str]:
@@ -542,6 +544,12 @@ def _explain(exc: ValidationError, model: type[BaseModel]) -> str:
         first = errs[0]
         if first["type"] == "extra_forbidden":
             choices = _fields_at(model, first["loc"][:-1])
+            new_name = getattr(_table_at(model, first["loc"][:-1]), "renamed", {}).get(first["loc"][-1])
+            if new_name:
+                lines.append(
+                    f"key {key!r} was renamed: use {new_name!r} (see its description in docs/config.md)"
+                )
+                continue
             suggestions = choices + (list(installed_plugins()) if len(first["loc"]) == 1 else [])
             lines.append(
                 f"unknown {'table' if isinstance(first['input'], dict) else 'key'} {key!r}"
@@ -584,6 +592,12 @@ def _key_path(model: type[BaseModel], err: dict) -> str:
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the table at ``loc`` (list indices are stepped through)."""
+    table = _table_at(model, loc)
+    return list(table.model_fields) if table else []
+
+
+def _table_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model class of the table at ``loc``, or None."""
     annotation: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -593,14 +607,10 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
             or part not in annotation.model_fields
         ):
-            return []
+            return None
         annotation = annotation.model_fields[part].annotation
     annotation = _unwrap(annotation)
-    return (
-        list(annotation.model_fields)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        else []
-    )
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _unwrap(annotation: Any) -> Any:

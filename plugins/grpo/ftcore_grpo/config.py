@@ -14,6 +14,8 @@ from ftcore_grpo.vllm_config import VLLMSection
 class GRPOSection(Section):
     """``[grpo]``: online RL with group-relative advantages (GRPO and its loss family)."""
 
+    renamed = {"hf_compile": "hf_cuda_graph"}
+
     generation: Literal["hf", "vllm"] = Field(
         "hf",
         description="Who samples completions: hf = the policy's own generate; vllm = a vLLM server (see [grpo.vllm]).",

@@ -97,6 +97,7 @@ def test_cross_table_errors_name_the_key(tmp_path, overrides, key, words):
         ("grpo.importance_sampling_cap=0", "grpo.importance_sampling_cap"),
         ("grpo.prefetch_depth=-1", "grpo.prefetch_depth"),
         ("grpo.streaming_groups=-1", "grpo.streaming_groups"),
+        ("grpo.hf_compile=true", "key 'grpo.hf_compile' was renamed: use 'hf_cuda_graph'"),
     ],
 )
 def test_bad_values_are_config_errors(tmp_path, override, words):
