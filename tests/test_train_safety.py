@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import ftcore.checkpoint as checkpoint_module
 import pytest
 import torch
-from ftcore.checkpoint import COMPLETE, complete_checkpoints, select_checkpoint
+from ftcore.checkpoint import COMPLETE, DivergenceCallback, complete_checkpoints, select_checkpoint
 from ftcore.config import load_config
 from ftcore.data import prepare_sft_data
 from ftcore.data.preview import summary
@@ -207,6 +208,72 @@ def test_skip_step_skips_non_finite_updates_and_stops_after_max_skipped_steps(tm
     assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained
     logged = losses(out)
     assert all(v == v for v in logged.values())  # skipped steps do not turn the logged loss into nan
+
+
+def adam_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Calls of ``owner.name`` (a function of ftcore's), counted while it still runs."""
+    calls, function = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_torch"])
+def test_a_skipped_update_leaves_weights_and_adam_state_as_they_were(optimizer, tmp_path, monkeypatch):
+    """Fused (the default): the device flag is the optimizer's found_inf, no gradient check on the host;
+    other optimizers: one host check per step, and the gradients are dropped."""
+    monkeypatch.syspath_prepend(INHOUSE)
+    monkeypatch.setenv("FTCORE_TEST_NAN_STEPS", "2")
+    host_checks = count_calls(monkeypatch, DivergenceCallback, "_check_on_host")
+    device_flags = count_calls(monkeypatch, checkpoint_module, "_to_host")
+    path = write_config(
+        tmp_path,
+        f'max_steps = 3\nsave_steps = 1\ndivergence = "skip_step"\noptimizer = "{optimizer}"',
+        plugins='["inhouse.run_control"]',
+    )
+    result = run_training(*load_config(path))
+    assert not result.interrupted
+    fused = optimizer == "adamw_torch_fused"
+    assert (len(device_flags), len(host_checks)) == ((3, 0) if fused else (0, 3))
+    saved = complete_checkpoints(tmp_path / "out")
+    assert [p.name for p in saved] == ["step-000001", "step-000002", "step-000003"]
+    assert_same_weights(weights(saved[0]), weights(saved[1]))  # step 2 skipped
+    w2, w3 = weights(saved[1]), weights(saved[2])
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 trained
+    before, after, trained = (adam_state(p) for p in saved)
+    assert before.keys() == after.keys() and before
+    for index in before:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(before[index][key], after[index][key]), (index, key)
+        assert trained[index]["step"] == before[index]["step"] + 1
+        assert not torch.equal(trained[index]["exp_avg"], before[index]["exp_avg"])
+
+
+def test_with_a_fused_optimizer_divergence_is_noticed_one_step_later_without_a_host_read_per_step(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(INHOUSE)
+    monkeypatch.setenv("FTCORE_TEST_NAN_STEPS", "3")
+    host_checks = count_calls(monkeypatch, checkpoint_module, "all_finite")
+    device_flags = count_calls(monkeypatch, checkpoint_module, "_to_host")
+    path = write_config(tmp_path, "max_steps = 8\nsave_steps = 2", plugins='["inhouse.run_control"]')
+    config, plugins = load_config(path, ["train.logging_steps=100"])  # logging reads the loss
+    with pytest.raises(TrainingDiverged, match="non-finite gradients at step 3"):
+        run_training(config, plugins)
+    assert len(device_flags) == 3  # steps 1 to 3; step 4 is skipped, then the run stops
+    assert len(host_checks) == 1  # only the weights, before the checkpoint of step 2
+    out = tmp_path / "out"
+    assert [p.name for p in complete_checkpoints(out)] == ["step-000002"]  # not the one of step 4
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    assert not (out / "model.safetensors").exists()
 
 
 # --- verified checkpoints -----------------------------------------------------------------------

@@ -309,18 +309,49 @@ class StopSignalCallback(TrainerCallback):
             signal.signal(sig, handler)
 
 
-def all_finite(tensors) -> bool:
-    """Whether every value of ``tensors`` is finite, on every process (one host read)."""
+def nonfinite_flag(tensors):
+    """A float32 scalar on the tensors' device: 1 where a value of ``tensors`` is not finite on any
+    process, else 0 (None for no tensors). No host read: the all-reduce is queued like any kernel."""
     import torch
     import torch.distributed as dist
 
     local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
     if not local:
-        return True
-    finite = torch.nn.utils.get_total_norm(local).isfinite().float()
+        return None
+    flag = (~torch.nn.utils.get_total_norm(local).isfinite()).float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag
+
+
+def all_finite(tensors) -> bool:
+    """Whether every value of ``tensors`` is finite, on every process (one host read)."""
+    flag = nonfinite_flag(tensors)
+    return flag is None or not flag.item()
+
+
+def fused_optimizer(optimizer):
+    """The torch optimizer inside ``optimizer`` (the Trainer's accelerate wrapper) where it is a fused
+    one that skips its update on the device when its ``found_inf`` is 1 (as torch's fused Adam,
+    AdamW and SGD do for the gradient scaler), else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = getattr(inner, "param_groups", None)
+    if not groups or not getattr(inner, "_step_supports_amp_scaling", False):
+        return None
+    return inner if all(group.get("fused") for group in groups) else None
+
+
+def _to_host(flag):
+    """``flag`` on its way to the host: (host tensor, CUDA event to wait on, or None)."""
+    import torch
+
+    if flag.device.type != "cuda":
+        return flag, None
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class DivergenceCallback(TrainerCallback):
@@ -328,11 +359,17 @@ class DivergenceCallback(TrainerCallback):
     such updates (``"skip_step"``, stopping after ``max_skipped_steps`` in a row); never lets a
     checkpoint or the final model be written with non-finite weights.
 
-    The gradients are checked once per optimizer step, after clipping and before the update (one
-    scalar read by the host per step, none per micro-batch); a non-finite one is dropped, so the
-    optimizer leaves the weights and its state as they were. Under fp16 the gradient scaler already
-    skips such steps, and only the logged loss is checked. Must be the last callback: it cancels a
-    save that the ones before it asked for.
+    The gradients are checked once per optimizer step, after clipping and before the update. With a
+    fused torch optimizer (``adamw_torch_fused``, the default) the check stays on the device: the
+    flag is handed to the optimizer as its ``found_inf``, so the fused step skips a non-finite
+    update (weights, moments and step count stay as they were) without the host waiting, and the
+    flag reaches the host by an asynchronous copy that is read at the next optimizer step (so a
+    diverged run is noticed one optimizer step later; that step's update is skipped too), and at
+    once before a checkpoint is written, when training stops, and when a loss is logged. With
+    other optimizers the host reads one scalar per step and drops a non-finite gradient, so the
+    optimizer leaves the weights and its state as they were. Either way, none per micro-batch.
+    Under fp16 the gradient scaler already skips such steps, and only the logged loss is checked.
+    Must be the last callback: it cancels a save that the ones before it asked for.
     """
 
     def __init__(self, mode: str = "stop", max_skipped: int = 5):
@@ -340,15 +377,65 @@ class DivergenceCallback(TrainerCallback):
         self.skipped_in_a_row = 0
         self.reason: str | None = None
         """Why the run stopped (None: it did not diverge)."""
+        self._pending: list[tuple[int, Any, Any]] = []
+        """(step, flag on the host or on its way there, CUDA event recorded after the copy or None)."""
+        self._found_inf_on: Any = None
+        """The fused optimizer whose ``found_inf`` this callback set for the step under way."""
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16 or self.reason:
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.fp16:
             return
+        fused = fused_optimizer(optimizer)
+        if fused is None:
+            if not self.reason:
+                self._check_on_host(model, state.global_step + 1)
+            return
+        self._resolve()  # the earlier steps' flags, whose copies are done by now or soon
+        import torch
+
+        if self.reason:  # the weights never change after divergence
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            fused.found_inf = torch.ones((), dtype=torch.float32, device=device)
+        else:
+            flag = nonfinite_flag(p.grad for p in model.parameters() if p.grad is not None)
+            if flag is None:
+                return
+            fused.found_inf = flag
+            self._pending.append((state.global_step + 1, *_to_host(flag)))
+        self._found_inf_on = fused
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._clear_found_inf()
+
+    def _clear_found_inf(self):
+        """The flag is for one step only: never left for a later step or a gradient scaler."""
+        if self._found_inf_on is not None:
+            if hasattr(self._found_inf_on, "found_inf"):
+                del self._found_inf_on.found_inf
+            self._found_inf_on = None
+
+    def _check_on_host(self, model, step: int):
         if all_finite(p.grad for p in model.parameters() if p.grad is not None):
             self.skipped_in_a_row = 0
             return
         model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
-        step = state.global_step + 1
+        self._non_finite(step)
+
+    def _resolve(self):
+        """Acts on the pending flags (earlier steps' ones, or at a save or the end, every one),
+        waiting for each one's copy only, never for the whole device."""
+        while self._pending:
+            step, host, event = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            if self.reason:
+                continue
+            if host.item():
+                self._non_finite(step)
+            else:
+                self.skipped_in_a_row = 0
+
+    def _non_finite(self, step: int):
         if self.mode == "skip_step":
             self.skipped_in_a_row += 1
             print(
@@ -361,6 +448,7 @@ class DivergenceCallback(TrainerCallback):
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self._resolve()  # the logged loss was read by the host: nothing left to wait for
         values = {key: (logs or {}).get(key) for key in ("loss", "grad_norm")}
         bad = [
             f"{key} {value}"
@@ -372,10 +460,22 @@ class DivergenceCallback(TrainerCallback):
         return self._stop(control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save or control.should_training_stop:
+            self._resolve()  # before anything is written, whatever it costs
         if not self.reason and (control.should_save or control.should_training_stop):
             trainable = [p.detach() for p in model.parameters() if p.requires_grad]
             if not all_finite(trainable):
                 self.reason = f"non-finite weights after step {state.global_step}"
+        return self._stop(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._resolve()
+        return self._stop(control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._clear_found_inf()
+        self._resolve()
         return self._stop(control)
 
     def _stop(self, control):
