@@ -5,7 +5,8 @@ functions (``MODEL_TYPE_TO_APPLY_LIGER_FN``), applied to the loaded model instan
 ``patch_model`` and verified on the instantiated model in ``after_model_load``. With
 ``fused_linear_cross_entropy`` the model's forward is Liger's own: in training it computes the
 loss from the hidden states and the lm_head weight without materialising the logits, and
-normalises by the ``num_items_in_batch`` the trainer passes to the model.
+normalises by the ``num_items_in_batch`` the trainer passes to the model. ``compute_loss`` calls
+that forward with ``chunk_mem_const``: how many tokens one chunk of the loss holds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ class LigerSection(Section):
     )
     rms_norm_gated: bool | None = Field(
         None, description="Gated RMSNorm (Qwen3.5-style), where the installed liger-kernel has one."
+    )
+    chunk_mem_const: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Fused linear cross-entropy: the logits of one chunk of tokens may take this many times "
+        "the hidden states' memory (liger-kernel's chunk_mem_const). Liger's own default, 1, cuts 8,192 "
+        "tokens of a 152k-vocabulary, 1024-wide model into 128 chunks of 64 tokens, each re-reading and "
+        "re-writing the whole output layer's gradient; 8 makes 16 chunks of 512.",
     )
 
 
@@ -114,6 +124,25 @@ def after_model_load(config, model):
             "[liger] or remove liger from plugins.",
             plugin="liger",
         )
+
+
+@hookimpl
+def compute_loss(config, model, batch, num_items_in_batch):
+    """A training micro-batch through Liger's fused forward, with ``[liger] chunk_mem_const``.
+
+    The patched forward takes the chunk budget as a keyword argument (the trainer's own call leaves
+    liger's default); None where the fused loss is off, in evaluation, or without labels.
+    """
+    from ftcore.loss import base_model
+
+    if not model.training or ("labels" not in batch and "shift_labels" not in batch):
+        return None
+    if not _from_liger(base_model(model).forward):
+        return None
+    outputs = model(
+        **batch, num_items_in_batch=num_items_in_batch, chunk_mem_const=config.liger.chunk_mem_const
+    )
+    return outputs.loss
 
 
 def apply_function(model_type: str):

@@ -12,6 +12,7 @@ import peft
 import torch
 from ftcore.config import validate_config
 from ftcore.testing import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 IGNORE_INDEX = -100
 
@@ -34,6 +35,32 @@ def loss_and_grads(model, batch, num_items_in_batch):
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads
+
+
+class LossChunks(TorchDispatchMode):
+    """Counts the fused loss's chunks: matrix products whose result has the vocabulary as last dimension."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.count = vocab_size, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.count += result.shape[-1] == self.vocab_size
+        return result
+
+
+def hook_loss_and_chunks(plugins, config, model, batch, num_items_in_batch):
+    """The plugin's compute_loss hook (the trainer's path) and how many loss chunks it ran."""
+    model.zero_grad()
+    with LossChunks(model.config.vocab_size) as chunks:
+        loss = plugins.hook.compute_loss(
+            config=config, model=model, batch=batch, num_items_in_batch=num_items_in_batch, run=None
+        )
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, chunks.count
 
 
 def main():
@@ -74,7 +101,9 @@ def main():
                     torch.nn.init.normal_(p, std=0.02)
         plugins.hook.after_model_load(config=config, model=model, run=None)
         batch, num_items, ref_loss, ref_grads = references[arch, adapter]
-        loss, grads = loss_and_grads(model, batch, num_items)
+        with LossChunks(model.config.vocab_size) as liger_default:  # the model called as liger ships it
+            loss_and_grads(model, batch, num_items)
+        loss, grads, chunks = hook_loss_and_chunks(plugins, config, model, batch, num_items)
         grad_error = max(
             (grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in ref_grads.items()
         )
@@ -87,6 +116,8 @@ def main():
                     "reference": ref_loss.item(),
                     "max_rel_grad_error": grad_error,
                     "grads": len(grads),
+                    "chunks": chunks,
+                    "liger_default_chunks": liger_default.count,
                 }
             )
         )

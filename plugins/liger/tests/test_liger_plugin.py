@@ -44,7 +44,7 @@ def test_table_defaults_to_liger_kernels_own_defaults():
     config, _ = liger_config()
     assert config.liger.model_dump() == dict.fromkeys(
         ("rms_norm", "rope", "swiglu", "layer_norm", "fused_linear_cross_entropy", "rms_norm_gated")
-    )
+    ) | {"chunk_mem_const": 8}
 
 
 def test_unknown_key_suggests_the_right_one():
@@ -136,7 +136,9 @@ def test_kernels_set_to_false_stay_off(restore_transformers):
 
 
 def test_loss_and_grads_match_plain_model_under_triton_interpreter():
-    """Rope + fused linear cross-entropy, Llama and Qwen3, full and LoRA, packed rows, accumulation."""
+    """Rope + fused linear cross-entropy through the compute_loss hook, Llama and Qwen3, full and LoRA,
+    packed rows, accumulation; ``chunk_mem_const`` (default 8) reaches the kernel: 32 tokens of a
+    512-token vocabulary, 64 wide, make one chunk instead of liger's default eight."""
     script = Path(__file__).with_name("liger_interpreted.py")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
@@ -150,3 +152,4 @@ def test_loss_and_grads_match_plain_model_under_triton_interpreter():
     for case in cases:
         assert case["loss"] == pytest.approx(case["reference"], rel=1e-5), case
         assert case["max_rel_grad_error"] < 1e-4, case
+        assert (case["chunks"], case["liger_default_chunks"]) == (1, 8), case
