@@ -137,7 +137,9 @@ def compute_loss(config, model, batch, num_items_in_batch):
 
     if not model.training or ("labels" not in batch and "shift_labels" not in batch):
         return None
-    if not _from_liger(base_model(model).forward):
+    # from the settings, not from model.forward: under mixed precision accelerate wraps the forward
+    model_type = base_model(model).config.model_type
+    if "fused_linear_cross_entropy" not in enabled_kernels(apply_function(model_type), config.liger):
         return None
     outputs = model(
         **batch, num_items_in_batch=num_items_in_batch, chunk_mem_const=config.liger.chunk_mem_const

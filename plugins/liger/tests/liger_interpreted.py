@@ -10,6 +10,7 @@ import json
 
 import peft
 import torch
+from accelerate import Accelerator
 from ftcore.config import validate_config
 from ftcore.testing import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -104,6 +105,9 @@ def main():
         with LossChunks(model.config.vocab_size) as liger_default:  # the model called as liger ships it
             loss_and_grads(model, batch, num_items)
         loss, grads, chunks = hook_loss_and_chunks(plugins, config, model, batch, num_items)
+        if not adapter:  # as the Trainer prepares it under bf16 mixed precision: the forward wrapped
+            mixed = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(copy.deepcopy(model))
+            assert hook_loss_and_chunks(plugins, config, mixed, batch, num_items)[2] == chunks
         grad_error = max(
             (grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12) for n, g in ref_grads.items()
         )
