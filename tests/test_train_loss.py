@@ -156,6 +156,21 @@ def test_no_operator_returns_more_than_a_chunk_of_logits():
         assert probe.largest == expected  # forward and backward
 
 
+def test_chunks_under_accelerates_mixed_precision_wrapper():
+    """The Trainer prepares the model with accelerate, which wraps its forward in autocast under
+    bf16: still the model's own forward, so the loss is chunked."""
+    from accelerate import Accelerator
+
+    vocab = 4096
+    model = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(tiny_model("llama", vocab_size=vocab))
+    assert "forward" in vars(model)
+    assert unsupported_reason(model) is None
+    batch = random_batch(vocab, packed=True)
+    with LargestVocabularyTensor(vocab, TINY_SHAPE["hidden_size"]) as probe:
+        loss_and_grads(model, batch, None, ChunkedLoss(48 * vocab))
+    assert probe.largest == 48 * vocab
+
+
 def test_models_that_keep_their_own_loss():
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from transformers import AutoConfig, AutoModelForCausalLM

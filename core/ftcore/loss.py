@@ -177,13 +177,24 @@ def _calls_loss_function(forward) -> bool:
         return False
 
 
+def _instance_forward(model):
+    """The forward set on the instance in place of its class's (a plugin's), or None. Accelerate's
+    mixed-precision wrapper (autocast around the class's forward, kept as ``_original_forward``)
+    does not count."""
+    forward = vars(model).get("forward")
+    original = vars(model).get("_original_forward")
+    if forward is not None and getattr(original, "__func__", None) is type(model).forward:
+        return None
+    return forward
+
+
 def unsupported_reason(model) -> str | None:
     """Why ``model``'s training loss cannot be chunked here, or None when it can."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     base = base_model(model)
     forward = getattr(type(base), "forward", None)
-    if "forward" in vars(base) or not (getattr(forward, "__module__", "") or "").startswith(
+    if _instance_forward(base) is not None or not (getattr(forward, "__module__", "") or "").startswith(
         "transformers.models."
     ):
         return "its forward is not transformers' own (a plugin's fused loss, or remote code)"
