@@ -160,9 +160,15 @@ def test_chunks_under_accelerates_mixed_precision_wrapper():
     """The Trainer prepares the model with accelerate, which wraps its forward in autocast under
     bf16: still the model's own forward, so the loss is chunked."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     vocab = 4096
-    model = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(tiny_model("llama", vocab_size=vocab))
+    AcceleratorState._reset_state(reset_partial_state=True)  # a GPU test before may have set it up
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        model = accelerator.prepare_model(tiny_model("llama", vocab_size=vocab))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert "forward" in vars(model)
     assert unsupported_reason(model) is None
     batch = random_batch(vocab, packed=True)
