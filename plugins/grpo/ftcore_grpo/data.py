@@ -95,5 +95,7 @@ def prepare_prompts(config, plugins, tokenizer) -> PromptData:
             f"- grpo.max_completion_length ({config.grpo.max_completion_length}) tokens; raise sequence_len or lower "
             "max_completion_length"
         )
-    fingerprint = digest("grpo-prompts", 1, data_fingerprint(config, specs, plugins, tokenizer), kwargs, room)
+    # version 2: prompts go through ftcore.data.encode (data.split_special_tokens), which can tokenize
+    # text that spells a special token differently than version 1 did
+    fingerprint = digest("grpo-prompts", 2, data_fingerprint(config, specs, plugins, tokenizer), kwargs, room)
     return PromptData(parts[0], parts[1], fingerprint, dropped)
