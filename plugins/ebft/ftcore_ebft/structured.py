@@ -34,15 +34,19 @@ def later_turns(remaining: list[dict]) -> list[tuple[list[dict], dict]]:
     return turns
 
 
-def context_ids(tokenizer, history: list[dict], messages: list[dict], kwargs: dict) -> list[int]:
+def context_ids(
+    tokenizer, history: list[dict], messages: list[dict], kwargs: dict, split_special_tokens: bool = True
+) -> list[int]:
     """The tokens the chat template adds after ``history`` (ending in an assistant turn): ``messages`` and
-    the next assistant turn's generation prompt."""
+    the next assistant turn's generation prompt; special tokens spelled out in them are plain text with
+    ``split_special_tokens`` (``data.split_special_tokens``), as in the prompt."""
+    from ftcore.data import encode
 
     def render(conversation, generation_prompt):
-        ids = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False, **kwargs
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return encode(
+            tokenizer, conversation, split_special_tokens=split_special_tokens,
+            add_generation_prompt=generation_prompt, template_kwargs=kwargs,
+        )  # fmt: skip
 
     before, after = render(history, False), render(history + messages, True)
     if after[: len(before)] != before:
@@ -79,7 +83,11 @@ class FeatureReward:
         """(alignment, diversity, cfm_loss, reward) of each group scored since ``take_terms``."""
 
     def reference_ids(self, ground_truth: str) -> list[int]:
-        ids = list(self.tokenizer(ground_truth, add_special_tokens=False)["input_ids"])
+        ids = list(
+            self.tokenizer(
+                ground_truth, add_special_tokens=False, split_special_tokens=self.split_special_tokens
+            )["input_ids"]
+        )
         eos = self.tokenizer.eos_token_id
         return ids + [eos] if eos is not None else ids
 
@@ -91,7 +99,9 @@ class FeatureReward:
         spans = [(len(prompt_ids), len(sequence))]
         history = [*prompt, {"role": "assistant", "content": ground_truth}] if remaining else []
         for context, turn in later_turns(remaining):
-            sequence += context_ids(self.tokenizer, history, context, self.template)
+            sequence += context_ids(
+                self.tokenizer, history, context, self.template, self.split_special_tokens
+            )
             spans.append((len(sequence), len(sequence) + len(self.reference_ids(turn["content"]))))
             sequence += self.reference_ids(turn["content"])
             history += [*context, turn]
@@ -187,9 +197,9 @@ class Episode:
         if completion.finish_reason == "length":
             self.finish = "length"
 
-    def add_context(self, messages: list[dict], tokenizer, kwargs: dict) -> None:
+    def add_context(self, messages: list[dict], tokenizer, kwargs: dict, split_special_tokens: bool) -> None:
         """The user / tool ``messages`` before the next turn, as the chat template renders them (not trained)."""
-        ids = context_ids(tokenizer, self.history, messages, kwargs)
+        ids = context_ids(tokenizer, self.history, messages, kwargs, split_special_tokens)
         self.add(ids, 0, [0.0] * len(ids))
         self.history += messages
         if len(self.ids) == self.room:  # no room left for the next turn
@@ -258,7 +268,9 @@ class EBFTProducer(RolloutProducer):
             episode.add_turn(completion)
         for turn in range(max(len(e.turns) for e in episodes)):
             for episode in (e for e in episodes if e.wants(turn)):
-                episode.add_context(episode.turns[turn][0], tokenizer, kwargs)
+                episode.add_context(
+                    episode.turns[turn][0], tokenizer, kwargs, self.reward.split_special_tokens
+                )
             live = [e for e in episodes if e.wants(turn)]  # those with room left after the context
             if live:
                 generated = self.generator.generate(

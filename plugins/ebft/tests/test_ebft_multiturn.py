@@ -160,3 +160,27 @@ def test_a_seeded_multi_turn_run_trains_and_resumes(run_ftcore, stories_file):
     again = {row["step"]: row for row in resumed.metrics if "ebft/alignment" in row}
     for step in (3, 4):
         assert again[step]["ebft/alignment"] == pytest.approx(rows[step]["ebft/alignment"], abs=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_special_tokens_spelled_in_later_turns_follow_split_special_tokens(split):
+    """A user turn and a reference turn that spell out ``</s>``: plain text under
+    ``data.split_special_tokens`` (the default), the EOS token otherwise, as in the prompt."""
+    from ftcore.chat_templates import CHATML
+    from ftcore.testing import stories_model
+    from ftcore_ebft.structured import FeatureReward, context_ids
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_model())
+    tokenizer.chat_template = CHATML
+    eos = tokenizer.eos_token_id
+    history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    context = context_ids(tokenizer, history, [{"role": "user", "content": "Say </s> now."}], {}, split)
+    assert tokenizer.decode(context).startswith("<|im_start|>user\nSay </s> now.<|im_end|>")
+    assert (eos in context) is not split
+
+    reward = FeatureReward.__new__(FeatureReward)  # only the tokenizer and the setting are used here
+    reward.tokenizer, reward.split_special_tokens = tokenizer, split
+    reference = reward.reference_ids("The </s> end.")
+    assert reference[-1] == eos  # the turn's own end is always the EOS token
+    assert (eos in reference[:-1]) is not split
