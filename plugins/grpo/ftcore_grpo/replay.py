@@ -5,7 +5,8 @@ keeps the newest groups that did vary (up to ``buffer_size``) and puts them, new
 place of zero-signal groups of later batches, each once. Prompts whose whole group scored 0 wait
 in a queue; once training has done ``reroll_start_fraction`` of its steps, up to
 ``reroll_max_groups`` of them take the place of the last groups of each new batch (before it is
-generated), so that they are tried again with the improved policy. Both are saved in checkpoints.
+generated), so that they are tried again with the improved policy; the queue keeps no more than the
+batches left can take (the oldest go first). Both are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class Replay:
             "completions": [dataclasses.asdict(c) for c in rollout.completions[start:end]],
             "rewards": rollout.rewards[start:end],
         }
+
+    def bound_rerolls(self, batches: int) -> None:
+        """Drop the oldest queued prompts beyond what ``batches`` more batches can re-roll."""
+        for _ in range(len(self.rerolls) - self.reroll_max * batches):
+            self.rerolls.popleft()
 
     def reroll(self, rows: list[dict[str, Any]], progress: float, size: int) -> list[dict[str, Any]]:
         """``rows`` with its last groups' prompts replaced by queued failed prompts, once ``progress``

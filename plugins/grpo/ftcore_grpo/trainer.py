@@ -195,10 +195,12 @@ class FtcoreGRPOTrainer(GRPOTrainer):
         """``rows`` with failed prompts of earlier batches in place of its last groups, when due."""
         if not self._whole_groups(rows):
             return rows
-        step = index * self.generate_every // self.args.gradient_accumulation_steps
-        progress = step / max(1, self.state.max_steps or self.args.max_steps)
+        accumulation = self.args.gradient_accumulation_steps
+        step = index * self.generate_every // accumulation
+        total_steps = max(1, self.state.max_steps or self.args.max_steps)
+        self.replay.bound_rerolls(max(0, -(-total_steps * accumulation // self.generate_every) - index))
         queued = len(self.replay.rerolls)
-        rows = self.replay.reroll(rows, progress, self.num_generations)
+        rows = self.replay.reroll(rows, step / total_steps, self.num_generations)
         if self.replay.reroll_start < 1.0:
             self._metrics["train"]["rerolled_groups"].append(float(queued - len(self.replay.rerolls)))
         return rows

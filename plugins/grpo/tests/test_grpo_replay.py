@@ -68,6 +68,19 @@ def test_failed_prompts_are_re_rolled_once_training_is_far_enough():
     assert not replay.rerolls and replay.reroll(rows, progress=1.0, size=2) == rows
 
 
+def test_the_re_roll_queue_keeps_only_what_the_batches_left_can_take():
+    replay = Replay(buffer_size=0, reroll_start_fraction=0.5, reroll_max_groups=2)
+    replay.apply(rollout("a", [[0, 0]] * 7), [1.0], 2)  # 7 failed prompts queued, a0 the oldest
+    replay.bound_rerolls(4)  # 2 x 4 = 8 fit: all kept
+    assert len(replay.rerolls) == 7
+    replay.bound_rerolls(2)  # 2 x 2 = 4 fit: the oldest three dropped
+    rows = rollout("b", [[1, 1]] * 3).rows
+    assert [row["prompt"] for row in replay.reroll(rows, progress=0.6, size=2)] == [
+        "b0", "b0", "a3", "a3", "a4", "a4",
+    ]  # fmt: skip
+    assert [row["prompt"] for row in replay.rerolls] == ["a5", "a6"]
+
+
 def test_state_round_trips_through_a_weights_only_checkpoint():
     replay = Replay(buffer_size=3, reroll_start_fraction=0.0)
     replay.apply(rollout("a", [[1, 0], [0, 0]]), [1.0], 2)
