@@ -281,6 +281,8 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
             if step == 1:
                 synchronize()
                 result["first_step_s"] = time.perf_counter() - self.start
+            if step == warmup:
+                self.compiles = frame_compiles()
             if warmup <= step <= warmup + steps:
                 if cuda:
                     self.events.append(torch.cuda.Event(enable_timing=True))
@@ -318,9 +320,17 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
                 tokens_per_second=rates[len(rates) // 2], mean_tokens_per_second=sum(tokens) / sum(times),
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+                compiles_in_timed_steps=frame_compiles() - self.compiles,
             )  # fmt: skip
 
     return Timing()
+
+
+def frame_compiles() -> int:
+    """Frames torch.compile has compiled (or recompiled) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
 
 
 def total_steps(args) -> int:
@@ -438,16 +448,20 @@ def report(results: list[dict]) -> str:
             f"\n## {model} on {first.get('device', '?')}: {first.get('tokens_per_step', '?')} tokens a step, "
             f"median row {first.get('median_row', '?')} tokens, {first.get('warmup', '?')} warm-up + "
             f"{first.get('steps', '?')} timed steps\n",
-            "| configuration | setup | weights | tokens/s (mean) | tokens/s (median step) | peak GiB | MFU (mean) | first step s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| configuration | setup | weights | tokens/s (mean) | tokens/s (median step) | peak GiB | MFU (mean) "
+            "| first step s | slowest timed step s (compiles in them) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             if "mean_tokens_per_second" not in r:
-                lines.append(f"| {r['config']} | {describe(r['config'])} | | {r.get('error', '?')} | | | | |")
+                lines.append(
+                    f"| {r['config']} | {describe(r['config'])} | | {r.get('error', '?')} | | | | | |"
+                )
                 continue
             lines.append(
                 f"| {r['config']} | {describe(r['config'])} | {r.get('weights_dtype', '?')} | {r['mean_tokens_per_second']:,.0f} | "
-                f"{r['tokens_per_second']:,.0f} | {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} | {r['first_step_s']:.1f} |"
+                f"{r['tokens_per_second']:,.0f} | {r['peak_allocated_gib']:.1f} | {r['mfu']:.1%} | {r['first_step_s']:.1f} | "
+                f"{max(r['step_seconds']):.3f} ({r.get('compiles_in_timed_steps', '?')}) |"
             )
         trl = [r for r in done if r["config"] in TRL]
         ours = [r for r in done if r["config"] in FTCORE]
