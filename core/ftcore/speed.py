@@ -265,9 +265,9 @@ def decoder_layers(model) -> list:
 def compile_decoder_layers(model) -> int:
     """Regional compilation: ``torch.compile`` each decoder layer (one compiled graph serves all of them).
 
-    Faster to start than compiling the whole model and free of its graph breaks. The first batch
-    compiles for its shapes; the first batch of another length recompiles once with that length
-    dynamic (torch's automatic dynamic shapes), after which every length reuses the graph.
+    Faster to start than compiling the whole model and free of its graph breaks. Compiled with dynamic
+    shapes from the first batch (``dynamic=True``), so batches of other lengths and packed rows with
+    other document counts reuse the graph without recompiling.
     """
     layers = decoder_layers(model)
     if not layers:
