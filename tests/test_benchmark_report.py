@@ -1,0 +1,53 @@
+"""The SFT benchmark's headline (benchmarks/sft_throughput.py): ftcore's fastest configuration against
+the fastest TRL one by the mean, and the fastest ftcore configuration within issue 20's memory bound."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("sft_throughput", REPO / "benchmarks" / "sft_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(config: str, mean: float, median: float, gib: float) -> dict:
+    return {
+        "model": "qwen3-0.6b", "config": config, "device": "H200", "mean_tokens_per_second": mean,
+        "tokens_per_second": median, "peak_allocated_gib": gib, "mfu": 0.2, "first_step_s": 10.0,
+        "step_seconds": [0.1, 0.3], "compiles_in_timed_steps": 0,
+        "triton_compiles_in_timed_steps": ["liger_cross_entropy_kernel"],
+    }  # fmt: skip
+
+
+def test_headline_is_the_fastest_by_the_mean_and_the_lean_line_respects_the_memory_bound():
+    bench = load_benchmark()
+    results = [
+        result("trl-bf16-packed-liger-flex-nockpt", 40_000, 39_000, 14.0),
+        result("trl-packed-liger-flex", 30_000, 45_000, 10.0),  # faster median step, slower mean
+        result("ftcore-liger-compile", 66_000, 70_000, 13.6),
+        result("ftcore-liger-compile-ckpt4", 64_000, 68_000, 11.2),  # 0.80x of 14.0 GiB
+        result("ftcore-default", 50_000, 50_000, 5.0),
+        {"model": "qwen3-0.6b", "config": "exp-gone", "error": "exit 1"},  # from another version
+    ]
+    text = bench.report(results)
+    assert "fastest TRL (mean): trl-bf16-packed-liger-flex-nockpt, 40,000" in text
+    assert "ftcore best / fastest TRL: 1.65x tokens/s (mean), 1.79x (median step), 0.97x peak memory" in text
+    assert (
+        "ftcore's fastest within 0.85x its memory: ftcore-liger-compile-ckpt4, 1.60x tokens/s (mean), "
+        "1.74x (median step), 0.80x peak memory"
+    ) in text
+    assert "0.300 (0 frames, 1 Triton kernels)" in text
+    assert "(not a configuration of this version of the benchmark)" in text
+
+
+def test_lean_line_says_so_when_no_configuration_fits():
+    bench = load_benchmark()
+    peer = result("trl-bf16-packed-liger-flex-nockpt", 40_000, 39_000, 14.0)
+    line = bench.lean_line([result("ftcore-liger-compile", 66_000, 70_000, 13.6)], peer)
+    assert line == "- no ftcore configuration of this run peaked at or below 0.85x the fastest TRL's memory"
