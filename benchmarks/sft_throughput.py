@@ -4,6 +4,9 @@
     python benchmarks/sft_throughput.py --models qwen3-0.6b --configs trl-bf16-packed-liger-flex-nockpt,ftcore-liger-compile
     python benchmarks/sft_throughput.py --configs all   # every TRL and ftcore configuration
     python benchmarks/sft_throughput.py --list          # the models and configurations, described
+    python benchmarks/sft_throughput.py --define 'chunk16=ftcore-liger-compile+liger.chunk_mem_const=16' \
+        --configs ftcore-liger-compile,chunk16          # a variant of a configuration, keys set from here
+    python benchmarks/sft_throughput.py --profile ftcore-liger-compile   # + kernel time by kind, GPU busy share
     python benchmarks/sft_throughput.py --smoke         # a CPU check of the whole harness (a few minutes)
     python benchmarks/sft_throughput.py --report results-*.jsonl   # the tables of earlier runs
 
@@ -163,6 +166,28 @@ SMOKE_CONFIGS = (
 """What runs on a CPU (no Liger, no flex attention): ``--smoke`` checks the harness end to end."""
 
 
+def define(spec: str) -> str:
+    """Add an ftcore configuration from ``NAME=BASE+table.key=value+...`` (``--define``): BASE's
+    overrides with these keys set (values read as TOML: 16, 1.5, true, "sdpa"). Returns NAME."""
+    import tomllib
+
+    name, _, rest = spec.partition("=")
+    base, *settings = rest.split("+")
+    if not name or base not in FTCORE or name in FTCORE or name in TRL:
+        raise ValueError(
+            f"--define {spec!r}: expected NEW_NAME=BASE+table.key=value with BASE one of {', '.join(FTCORE)}"
+        )
+    config = json.loads(json.dumps(FTCORE[base]))
+    for setting in settings:
+        dotted, _, value = setting.partition("=")
+        table, _, key = dotted.partition(".")
+        if not key or not value:
+            raise ValueError(f"--define {spec!r}: {setting!r} is not table.key=value")
+        config.setdefault(table, {})[key] = tomllib.loads(f"v = {value}")["v"]
+    FTCORE[name] = config
+    return name
+
+
 def describe(name: str) -> str:
     if name in TRL:
         return TRL[name].describe()
@@ -253,10 +278,12 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
     Step times come from CUDA events recorded at each step end (no host sync inside the window).
     Reported: tokens/s over all timed steps (the mean, the headline) and of the median step (a
     one-off stall, a Triton kernel compiled for a new shape, moves it less). With
-    ``profile_path``, the two steps after the timed ones run under torch.profiler and its kernel
-    table (by GPU time) is written there.
+    ``profile_path``, the two steps after the timed ones run under torch.profiler: its kernel
+    table (by GPU time) is written there, and the result gets the kernel time by kind
+    (``kernel_time_by_kind``), which the report prints.
     """
     import torch
+    from torch.autograd import DeviceType
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
@@ -300,10 +327,17 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
 
                     self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                     self.profiler.start()
+                    self.profile_start = time.perf_counter()
             if self.profiler is not None and step == warmup + steps + 2:
                 synchronize()
                 self.profiler.stop()
-                table = self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+                wall = time.perf_counter() - self.profile_start
+                averages = self.profiler.key_averages()
+                kernels = {  # kernels only: a CPU op's self device time is its kernels' again
+                    e.key: e.self_device_time_total / 1e6 for e in averages if e.device_type != DeviceType.CPU
+                }
+                result["profile"] = kernel_time_by_kind(kernels, wall)
+                table = averages.table(sort_by="cuda_time_total", row_limit=40)
                 Path(profile_path).write_text(table)
                 self.profiler = None
 
@@ -331,6 +365,35 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
             )  # fmt: skip
 
     return Timing()
+
+
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "flex", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("optimizer", ("adam",)),
+    ("grad norm/clip", ("lpnorm", "binaryopscalar")),
+    ("loss (liger)", ("liger", "cross_entropy", "element_mul")),
+    ("compiled (inductor)", ("triton_",)),
+    ("eager elementwise", ("elementwise", "reduce_kernel")),
+)
+
+
+def kernel_time_by_kind(kernels: dict[str, float], wall_seconds: float) -> dict:
+    """GPU seconds of profiled kernels (name -> self time) summed by ``KERNEL_KINDS``, and the share
+    of the wall time some kernel ran (``busy``): well under 1 means the host could not keep up."""
+    kinds: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        lowered = name.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(p in lowered for p in parts)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    gpu = sum(kinds.values())
+    return {
+        "wall_s": round(wall_seconds, 4),
+        "gpu_s": round(gpu, 4),
+        "busy": round(gpu / wall_seconds, 3) if wall_seconds else 0.0,
+        "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
 
 
 def watch_triton_compiles(state) -> list[tuple[int, str]]:
@@ -506,6 +569,16 @@ def report(results: list[dict]) -> str:
             ]
             if peer["peak_allocated_gib"]:  # no GPU, no memory measured
                 lines.append(lean_line(ours, peer))
+        for r in done:
+            if r.get("profile", {}).get("gpu_s"):
+                prof = r["profile"]
+                shares = ", ".join(
+                    f"{k} {v / prof['gpu_s']:.0%}" for k, v in prof["kinds"].items() if prof["gpu_s"]
+                )
+                lines.append(
+                    f"- profile of {r['config']} (2 steps): GPU busy {prof['busy']:.0%} of {prof['wall_s'] * 1000:.0f} ms; "
+                    f"kernel time: {shares}"
+                )
         by_name = {r["config"]: r for r in done}
         if "ftcore-default" in by_name and PEER_DEFAULT in by_name:
             ours, theirs = by_name["ftcore-default"], by_name[PEER_DEFAULT]
@@ -602,12 +675,25 @@ def main(argv=None) -> int:
         metavar="CONFIG",
         help="also profile 2 steps after the timed ones of this configuration (table written beside --out)",
     )
+    parser.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME=BASE+table.key=value",
+        help="add an ftcore configuration: BASE's keys plus these, e.g. "
+        "chunk16=ftcore-liger-compile+liger.chunk_mem_const=16 (repeatable; name it in --configs)",
+    )
     parser.add_argument("--list", action="store_true", help="list models and configurations, then exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        for spec in args.define:
+            define(spec)
+    except ValueError as error:
+        parser.error(str(error))
     if args.list:
         print("models:", ", ".join(MODELS), "\nconfigurations:")
         for name in [*TRL, *FTCORE]:
@@ -665,7 +751,8 @@ def run_worker(model: str, name: str, work: Path, result_file: Path, args, timeo
     started = time.perf_counter()
     command = [sys.executable, __file__, "--worker", name, "--model", model, "--work", str(work),
                "--result", str(result_file), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--tokens-per-step", str(args.tokens_per_step)]  # fmt: skip
+               "--tokens-per-step", str(args.tokens_per_step),
+               *(f"--define={spec}" for spec in args.define)]  # fmt: skip
     if name == args.profile:
         command += ["--profile-to", str(result_file.with_name(f"profile-{model}-{name}.txt"))]
     log = work / f"{model}-{name}.log"

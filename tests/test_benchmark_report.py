@@ -51,3 +51,45 @@ def test_lean_line_says_so_when_no_configuration_fits():
     peer = result("trl-bf16-packed-liger-flex-nockpt", 40_000, 39_000, 14.0)
     line = bench.lean_line([result("ftcore-liger-compile", 66_000, 70_000, 13.6)], peer)
     assert line == "- no ftcore configuration of this run peaked at or below 0.85x the fastest TRL's memory"
+
+
+def test_define_adds_a_configuration_from_a_base_and_dotted_keys():
+    bench = load_benchmark()
+    name = bench.define('chunk16=ftcore-liger-compile+liger.chunk_mem_const=16+model.attention="sdpa"')
+    assert name == "chunk16"
+    assert bench.FTCORE["chunk16"]["liger"]["chunk_mem_const"] == 16
+    assert bench.FTCORE["chunk16"]["model"] == {
+        "compile": True,
+        "gradient_checkpointing": False,
+        "attention": "sdpa",
+    }
+    assert "chunk_mem_const" not in bench.FTCORE["ftcore-liger-compile"]["liger"]  # the base is untouched
+    for bad in ("x=no-such-base+a.b=1", "y=ftcore-default+model=1", "ftcore-default=ftcore-default"):
+        try:
+            bench.define(bad)
+        except ValueError as error:
+            assert bad in str(error)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
+def test_kernel_time_by_kind_groups_cuda_kernel_names_and_reports_the_busy_share():
+    bench = load_benchmark()
+    kernels = {
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": 0.060,
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": 0.008,
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<...>>": 0.006,
+        "void at::native::multi_tensor_apply_kernel<at::native::LpNormFunctor<float>>": 0.002,
+        "liger_cross_entropy_kernel": 0.001,
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": 0.010,
+        "Memset (Device)": 0.001,
+        "void at::native::vectorized_elementwise_kernel<4, ...>": 0.002,
+    }
+    summary = bench.kernel_time_by_kind(kernels, wall_seconds=0.1)
+    assert summary["kinds"] == {
+        "matmul": 0.06, "compiled (inductor)": 0.01, "attention": 0.008, "optimizer": 0.006,
+        "grad norm/clip": 0.002, "eager elementwise": 0.002, "loss (liger)": 0.001, "memcpy/memset": 0.001,
+    }  # fmt: skip
+    assert summary["busy"] == 0.9 and summary["gpu_s"] == 0.09
+    results = [result("ftcore-liger-compile", 66_000, 70_000, 13.6) | {"profile": summary}]
+    assert "GPU busy 90% of 100 ms; kernel time: matmul 67%, compiled (inductor) 11%" in bench.report(results)
