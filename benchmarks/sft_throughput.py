@@ -572,9 +572,7 @@ def report(results: list[dict]) -> str:
         for r in done:
             if r.get("profile", {}).get("gpu_s"):
                 prof = r["profile"]
-                shares = ", ".join(
-                    f"{k} {v / prof['gpu_s']:.0%}" for k, v in prof["kinds"].items() if prof["gpu_s"]
-                )
+                shares = ", ".join(f"{k} {v / prof['gpu_s']:.0%}" for k, v in prof["kinds"].items())
                 lines.append(
                     f"- profile of {r['config']} (2 steps): GPU busy {prof['busy']:.0%} of {prof['wall_s'] * 1000:.0f} ms; "
                     f"kernel time: {shares}"

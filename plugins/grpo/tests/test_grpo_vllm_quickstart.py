@@ -66,9 +66,8 @@ def test_grpo_quickstart_through_vllm_raises_training_reward_and_keeps_heldout_a
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and last["step"] == config.train.max_steps
     print(f"held-out accuracy {first[ACCURACY]:.3f} -> {last[ACCURACY]:.3f} in {seconds:.0f}s")
-    assert (
-        last[ACCURACY] >= first[ACCURACY]
-    )  # 192 sampled answers each: a gain within their noise, not a loss
+    # 192 sampled answers an evaluation: no loss is asserted, a gain would be within their noise
+    assert last[ACCURACY] >= first[ACCURACY]
     rewards = [row["reward"] for row in read_metrics(result.output_dir) if "loss" in row and "reward" in row]
     assert sum(rewards[-3:]) / 3 >= sum(rewards[:2]) / 2 + TRAIN_MARGIN, rewards
 
