@@ -337,8 +337,13 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
                     e.key: e.self_device_time_total / 1e6 for e in averages if e.device_type != DeviceType.CPU
                 }
                 result["profile"] = kernel_time_by_kind(kernels, wall)
-                table = averages.table(sort_by="cuda_time_total", row_limit=40)
-                Path(profile_path).write_text(table)
+                tables = [
+                    averages.table(sort_by=key, row_limit=40)
+                    for key in ("cuda_time_total", "self_cpu_time_total")
+                ]
+                Path(profile_path).write_text(
+                    "\n\nBy host time (syncs show as cudaStreamSynchronize / aten::item):\n".join(tables)
+                )
                 self.profiler = None
 
         def finish(self):

@@ -276,6 +276,53 @@ def test_with_a_fused_optimizer_divergence_is_noticed_one_step_later_without_a_h
     assert not (out / "model.safetensors").exists()
 
 
+def logged(output_dir: Path, key: str) -> list:
+    return [row[key] for row in read_metrics(output_dir) if key in row]
+
+
+@pytest.mark.gpu
+def test_clipping_folded_into_the_fused_step_updates_as_the_trainers_clipping(tmp_path, monkeypatch):
+    """On a GPU the fused optimizer divides the gradients by max(norm / max_grad_norm, 1) as it reads
+    them (no pass scaling them in place, and the divergence check reuses the norm); the Trainer's
+    clipping with the unfused AdamW gives the same weights and the same logged gradient norms."""
+    from transformers import Trainer
+
+    trainer_clips = count_calls(monkeypatch, Trainer, "_clip_grad_norm")
+    gradient_passes = count_calls(monkeypatch, torch.nn.utils, "get_total_norm")
+    runs = {}
+    for name, train in {
+        "folded": "max_grad_norm = 0.05",
+        "trainer": 'max_grad_norm = 0.05\noptimizer = "adamw_torch"',
+        "unclipped": "max_grad_norm = 100.0",
+    }.items():
+        path = write_config(tmp_path / name, f'max_steps = 4\nsave_steps = 4\nprecision = "fp32"\n{train}')
+        calls = (len(trainer_clips), len(gradient_passes))
+        run_training(*load_config(path))
+        runs[name] = (weights(tmp_path / name / "out"), logged(tmp_path / name / "out", "grad_norm"))
+        if name == "folded":  # a norm a step (clipping and the check alike), the weights' before the save
+            assert (len(trainer_clips), len(gradient_passes)) == (calls[0], calls[1] + 4 + 1)
+        if name == "trainer":
+            assert len(trainer_clips) == calls[0] + 4
+    (folded, folded_norms), (clipped, clipped_norms), (unclipped, _) = runs.values()
+    assert all(norm > 0.5 for norm in folded_norms)  # every step clipped hard
+    assert folded_norms == pytest.approx(clipped_norms, rel=1e-4)
+    for key in folded:
+        torch.testing.assert_close(folded[key], clipped[key], rtol=1e-4, atol=1e-6)
+    assert any((folded[key] - unclipped[key]).abs().max() > 1e-3 for key in folded)
+
+
+def test_on_the_cpu_the_fused_optimizer_clips_as_the_trainer_does(tmp_path, monkeypatch):
+    """Off the GPU the fold is not taken: the Trainer's clipping runs each step (same rounding as
+    any other CPU run), and no ``grad_scale`` is left on the optimizer."""
+    from transformers import Trainer
+
+    trainer_clips = count_calls(monkeypatch, Trainer, "_clip_grad_norm")
+    path = write_config(tmp_path, "max_steps = 2\nsave_steps = 2\nmax_grad_norm = 0.05")
+    run_training(*load_config(path))
+    assert len(trainer_clips) == 2
+    assert all(norm > 0.05 for norm in logged(tmp_path / "out", "grad_norm"))
+
+
 # --- verified checkpoints -----------------------------------------------------------------------
 
 

@@ -309,16 +309,19 @@ class StopSignalCallback(TrainerCallback):
             signal.signal(sig, handler)
 
 
-def nonfinite_flag(tensors):
+def nonfinite_flag(tensors, norm=None):
     """A float32 scalar on the tensors' device: 1 where a value of ``tensors`` is not finite on any
-    process, else 0 (None for no tensors). No host read: the all-reduce is queued like any kernel."""
+    process, else 0 (None for no tensors). ``norm``: their norm, already computed (no pass over
+    them). No host read: the all-reduce is queued like any kernel."""
     import torch
     import torch.distributed as dist
 
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
-    if not local:
-        return None
-    flag = (~torch.nn.utils.get_total_norm(local).isfinite()).float()
+    if norm is None:
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
+        if not local:
+            return None
+        norm = torch.nn.utils.get_total_norm(local)
+    flag = (~norm.isfinite()).float()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag
@@ -381,8 +384,12 @@ class DivergenceCallback(TrainerCallback):
         """(step, flag on the host or on its way there, CUDA event recorded after the copy or None)."""
         self._found_inf_on: Any = None
         """The fused optimizer whose ``found_inf`` this callback set for the step under way."""
+        self.gradient_norm: Any = None
+        """The norm of this step's gradients where the trainer computed it (clipping folded into a
+        fused step): the check uses it instead of reading the gradients again. One step only."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        norm, self.gradient_norm = self.gradient_norm, None
         if args.fp16:
             return
         fused = fused_optimizer(optimizer)
@@ -397,7 +404,7 @@ class DivergenceCallback(TrainerCallback):
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             fused.found_inf = torch.ones((), dtype=torch.float32, device=device)
         else:
-            flag = nonfinite_flag(p.grad for p in model.parameters() if p.grad is not None)
+            flag = nonfinite_flag((p.grad for p in model.parameters() if p.grad is not None), norm)
             if flag is None:
                 return
             fused.found_inf = flag

@@ -7,7 +7,13 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from ftcore.checkpoint import CheckpointCallback, DivergenceCallback, StopSignalCallback, checkpoints_dir
+from ftcore.checkpoint import (
+    CheckpointCallback,
+    DivergenceCallback,
+    StopSignalCallback,
+    checkpoints_dir,
+    fused_optimizer,
+)
 from ftcore.distributed import distributed_arguments
 from ftcore.loss import ChunkedLoss, LogitsChanged
 from ftcore.metrics import LoggedMetricsCallback, MetricsCallback, ReportCallback, RichProgressCallback
@@ -130,6 +136,8 @@ class FtcoreTrainer(Trainer):
         self.ftcore_run = ftcore_run
         self.default_loss = ChunkedLoss()
         self._pending_tokens = None
+        self._grad_scale_cleared: set = set()
+        """Fused optimizers whose ``grad_scale`` a step post-hook removes (``_clip_grad_norm``)."""
         remove_default_printer(self)
 
     def _track_num_input_tokens(self, inputs):
@@ -163,6 +171,41 @@ class FtcoreTrainer(Trainer):
         self._flush_token_count()
         super()._save_checkpoint(model, trial)
 
+    def _clip_grad_norm(self, model):
+        """Gradient clipping folded into a fused optimizer's step.
+
+        The Trainer's clipping reads every gradient for the norm, then reads and writes every one
+        again to scale it. Here the norm is the only pass: the fused step divides each gradient by
+        ``max(norm / max_grad_norm, 1)`` as it reads it (its ``grad_scale``, as for fp16's loss
+        scale), which is the same update, and the divergence check takes this norm instead of a pass
+        of its own. The Trainer's clipping runs where that does not hold: an optimizer that is not a
+        fused torch one, fp16 (its scaler owns ``grad_scale``), DeepSpeed, FSDP (sharded gradients),
+        and gradients off the GPU (on the CPU the extra pass costs little, and CPU runs keep the
+        Trainer's rounding, step for step).
+        """
+        fused = fused_optimizer(self.optimizer)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if (
+            fused is None
+            or not grads
+            or self.args.fp16
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or any(hasattr(grad, "to_local") or not grad.is_cuda for grad in grads)
+        ):
+            return super()._clip_grad_norm(model)
+        import torch
+
+        norm = torch.nn.utils.get_total_norm(grads)
+        fused.grad_scale = ((norm.float() + 1e-6) / self.args.max_grad_norm).clamp(min=1.0)
+        if fused not in self._grad_scale_cleared:  # for one step only, never left for a later one
+            fused.register_step_post_hook(_clear_grad_scale)
+            self._grad_scale_cleared.add(fused)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, DivergenceCallback):
+                callback.gradient_norm = norm
+        return norm
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not return_outputs:
             run = self.ftcore_run
@@ -181,3 +224,8 @@ class FtcoreTrainer(Trainer):
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+
+
+def _clear_grad_scale(optimizer, args, kwargs):
+    if hasattr(optimizer, "grad_scale"):
+        del optimizer.grad_scale

@@ -149,6 +149,22 @@ def test_prefetched_batches_lag_and_are_corrected_with_the_generators_logprobs(t
     assert all(row["skipped_zero_adv_batches"] >= 0 for row in rows)
 
 
+@pytest.mark.gpu
+def test_prefetch_generates_on_a_second_gpu(tmp_path, write_config):
+    """hf_device = "cuda:1": the generating copy lives (and decodes) on the second GPU while the
+    policy trains on the first; the batches lag and carry their versions as on one device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    grpo = 'async_prefetch = true\nprefetch_depth = 1\nhf_device = "cuda:1"'
+    # fp32 on both sides: under bf16 autocast the trainer's log-probs differ from the copy's by ~0.06
+    result, rows = train(write_config(tmp_path, steps=4, grpo=grpo), 'train.precision="fp32"')
+    assert torch.cuda.max_memory_allocated(1) > 0  # the copy and its KV cache were on cuda:1
+    assert [row["policy/version_lag_max"] for row in rows] == [0, 1, 1, 1]
+    versions = {row["step"]: row["policy_version"] for row in completion_rows(result.output_dir)}
+    assert versions == {1: 0, 2: 0, 3: 1, 4: 2}
+    assert rows[0][DIFFERENCE] < 1e-3  # lag 0: same weights on both GPUs
+
+
 @pytest.mark.slow
 def test_prefetch_with_sync_interval_lags_up_to_the_interval(tmp_path, write_config):
     grpo = "async_prefetch = true\nprefetch_depth = 1\nsync_interval = 2\nimportance_sampling_mode = 'mask'"
