@@ -35,7 +35,7 @@ run_model() {  # model, GPU index
   local work=/tmp/ftcore-speed-$1
   rm -rf "$work"
   CUDA_VISIBLE_DEVICES=$2 python3 benchmarks/sft_throughput.py --models "$1" --configs "${configs[$1]}" \
-    --rows 800 --budget "$lane_budget" --config-timeout 240 --work "$work" --out "$out/results-$1.jsonl" \
+    --budget "$lane_budget" --config-timeout 240 --work "$work" --out "$out/results-$1.jsonl" \
     --profile ftcore-liger-compile > "$out/bench-$1.log" 2>&1
   cp "$work"/*.log "$out/logs/" 2>/dev/null
   rm -rf "$work"
