@@ -15,6 +15,9 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 128 if INTERPRET else 4096
 """Vocabulary entries per loop iteration (small under the CPU interpreter, where it is slow)."""
+PER_BATCH = ["L", "stride_ib", "stride_gb"]
+"""Integer arguments that change with every packed batch's length: not specialised on (Triton
+would compile another variant the first time one is a multiple of 16, in the middle of a run)."""
 
 
 @triton.jit
@@ -22,7 +25,7 @@ def _row_pointer(ptr, row, L, stride_b, stride_l):
     return ptr + (row // L).to(tl.int64) * stride_b + (row % L).to(tl.int64) * stride_l
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH)
 def _stats_kernel(
     x_ptr, stride_xb, stride_xl, stride_xv,
     index_ptr, stride_ib, stride_il,
@@ -54,7 +57,7 @@ def _stats_kernel(
         tl.store(picked_ptr + row, tl.load(x_row + token * stride_xv).to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH)
 def _grad_kernel(
     x_ptr, stride_xb, stride_xl, stride_xv,
     index_ptr, stride_ib, stride_il,

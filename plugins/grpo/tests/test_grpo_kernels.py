@@ -142,3 +142,28 @@ def test_gpu_at_the_qwen_vocabulary(dtype):
     assert_close(out, expected, dtype, "log-prob values")
     assert_close(logits.grad, reference.grad, dtype, "log-prob gradient")
     assert_close(entropy_from_logits(view), entropy_from_logits_reference(view), dtype, "entropy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_new_packed_length_compiles_nothing():
+    """Packed batches change the row length L every step: after the first batch, lengths that are
+    and are not multiples of 16 reuse the compiled kernels (no compile in the middle of a run)."""
+    from triton import knobs
+
+    compiled = []
+    previous, knobs.runtime.jit_post_compile_hook = (
+        knobs.runtime.jit_post_compile_hook,
+        lambda *, fn, **_: compiled.append(fn.name),
+    )
+    try:
+        for length in (37, 48, 53, 64):
+            logits = torch.randn(1, length, 1000, device="cuda", requires_grad=True)
+            index = torch.randint(0, 1000, (1, length), device="cuda")
+            selective_log_softmax(logits, index).sum().backward()
+            entropy_from_logits(logits.detach())
+            if length == 37:
+                compiled.clear()  # the first batch compiles each kernel once
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+    assert compiled == []
