@@ -15,7 +15,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 128 if INTERPRET else 4096
 """Vocabulary entries per loop iteration (small under the CPU interpreter, where it is slow)."""
-PER_BATCH = ["L", "stride_ib", "stride_gb"]
+PER_BATCH = ["L", "stride_xb", "stride_ib", "stride_gb"]
 """Integer arguments that change with every packed batch's length: not specialised on (Triton
 would compile another variant the first time one is a multiple of 16, in the middle of a run)."""
 
