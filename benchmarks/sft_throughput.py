@@ -143,6 +143,7 @@ FTCORE = {
     "ftcore-liger-compile-ckpt": liger_compile(every_n_layers=1),
     "ftcore-liger-compile-ckpt2": liger_compile(every_n_layers=2),
     "ftcore-liger-compile-ckpt4": liger_compile(every_n_layers=4),
+    "ftcore-liger-compile-adamw": liger_compile() | {"train": {"optimizer": "adamw_compiled"}},
 }
 DEFAULT_CONFIGS = (
     "ftcore-liger-compile",
@@ -485,7 +486,7 @@ def run_ftcore(name: str, model_dir: Path, work: Path, args, callback, info: dic
     }  # fmt: skip
     for table, values in overrides.items():
         if table not in ("plugins", "model"):
-            raw[table] = values
+            raw[table] = {**raw.get(table, {}), **values}
     config, plugins = validate_config(raw, base_dir=work)
     info.update(micro_batch=1, max_length=args.tokens_per_step, ftcore_config=raw)
 

@@ -22,6 +22,7 @@ from ftcore.data.testing import data_config, stories_tokenizer
 from ftcore.errors import ConfigError, DataError, TrainingDiverged
 from ftcore.lock import LOCK_FILE, output_dir_lock
 from ftcore.metrics import read_metrics
+from ftcore.optimizer import CompiledAdamW
 from ftcore.pipeline import run_training
 from ftcore.testing import asset, stories_model
 from safetensors import safe_open
@@ -226,14 +227,15 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
-@pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_torch"])
+@pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_compiled", "adamw_torch"])
 def test_a_skipped_update_leaves_weights_and_adam_state_as_they_were(optimizer, tmp_path, monkeypatch):
-    """Fused (the default): the device flag is the optimizer's found_inf, no gradient check on the host;
-    other optimizers: one host check per step, and the gradients are dropped."""
+    """Fused (the default) and compiled: the device flag is the optimizer's found_inf, no gradient
+    check on the host; other optimizers: one host check per step, and the gradients are dropped."""
     monkeypatch.syspath_prepend(INHOUSE)
     monkeypatch.setenv("FTCORE_TEST_NAN_STEPS", "2")
     host_checks = count_calls(monkeypatch, DivergenceCallback, "_check_on_host")
     device_flags = count_calls(monkeypatch, checkpoint_module, "_to_host")
+    compiled_steps = count_calls(monkeypatch, CompiledAdamW, "_device_scalars")  # once a group and step
     path = write_config(
         tmp_path,
         f'max_steps = 3\nsave_steps = 1\ndivergence = "skip_step"\noptimizer = "{optimizer}"',
@@ -241,8 +243,9 @@ def test_a_skipped_update_leaves_weights_and_adam_state_as_they_were(optimizer, 
     )
     result = run_training(*load_config(path))
     assert not result.interrupted
-    fused = optimizer == "adamw_torch_fused"
+    fused = optimizer != "adamw_torch"
     assert (len(device_flags), len(host_checks)) == ((3, 0) if fused else (0, 3))
+    assert bool(compiled_steps) == (optimizer == "adamw_compiled")
     saved = complete_checkpoints(tmp_path / "out")
     assert [p.name for p in saved] == ["step-000001", "step-000002", "step-000003"]
     assert_same_weights(weights(saved[0]), weights(saved[1]))  # step 2 skipped
@@ -281,17 +284,20 @@ def logged(output_dir: Path, key: str) -> list:
 
 
 @pytest.mark.gpu
-def test_clipping_folded_into_the_fused_step_updates_as_the_trainers_clipping(tmp_path, monkeypatch):
-    """On a GPU the fused optimizer divides the gradients by max(norm / max_grad_norm, 1) as it reads
-    them (no pass scaling them in place, and the divergence check reuses the norm); the Trainer's
-    clipping with the unfused AdamW gives the same weights and the same logged gradient norms."""
+@pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "adamw_compiled"])
+def test_clipping_folded_into_the_fused_step_updates_as_the_trainers_clipping(
+    optimizer, tmp_path, monkeypatch
+):
+    """On a GPU the fused (or compiled) optimizer divides the gradients by max(norm / max_grad_norm, 1)
+    as it reads them (no pass scaling them in place, and the divergence check reuses the norm); the
+    Trainer's clipping with the unfused AdamW gives the same weights and the same logged gradient norms."""
     from transformers import Trainer
 
     trainer_clips = count_calls(monkeypatch, Trainer, "_clip_grad_norm")
     gradient_passes = count_calls(monkeypatch, torch.nn.utils, "get_total_norm")
     runs = {}
     for name, train in {
-        "folded": "max_grad_norm = 0.05",
+        "folded": f'max_grad_norm = 0.05\noptimizer = "{optimizer}"',
         "trainer": 'max_grad_norm = 0.05\noptimizer = "adamw_torch"',
         "unclipped": "max_grad_norm = 100.0",
     }.items():

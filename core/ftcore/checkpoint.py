@@ -335,13 +335,15 @@ def all_finite(tensors) -> bool:
 
 def fused_optimizer(optimizer):
     """The torch optimizer inside ``optimizer`` (the Trainer's accelerate wrapper) where it is a fused
-    one that skips its update on the device when its ``found_inf`` is 1 (as torch's fused Adam,
-    AdamW and SGD do for the gradient scaler), else None."""
+    one that skips its update on the device when its ``found_inf`` is 1 and divides the gradients by
+    its ``grad_scale`` (as torch's fused Adam, AdamW and SGD do for the gradient scaler, and
+    ``ftcore.optimizer.CompiledAdamW``, which says so by ``fused_step``), else None."""
     inner = getattr(optimizer, "optimizer", optimizer)
     groups = getattr(inner, "param_groups", None)
     if not groups or not getattr(inner, "_step_supports_amp_scaling", False):
         return None
-    return inner if all(group.get("fused") for group in groups) else None
+    fused = getattr(inner, "fused_step", False) or all(group.get("fused") for group in groups)
+    return inner if fused else None
 
 
 def _to_host(flag):

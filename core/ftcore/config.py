@@ -30,6 +30,8 @@ from pydantic import (
 from ftcore.errors import ConfigError, PluginError, did_you_mean
 from ftcore.plugins import Plugins, installed_plugins, load_installed
 
+COMPILED_ADAMW = "adamw_compiled"
+"""The ``train.optimizer`` name of ``ftcore.optimizer.CompiledAdamW`` (not a name the HF Trainer knows)."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".jinja", ".safetensors", ".gguf"}
 
@@ -267,7 +269,8 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed for init, shuffling and dropout.")
     optimizer: str = Field(
         "adamw_torch_fused",
-        description="An HF Trainer optimizer name (adamw_torch_fused: one fused kernel for all parameters; adamw_torch, adamw_8bit, ...).",
+        description="An HF Trainer optimizer name (adamw_torch_fused: one fused kernel for all parameters; adamw_torch, "
+        f"adamw_8bit, ...), or {COMPILED_ADAMW} (AdamW as one torch.compile'd step; single process or DDP).",
     )
     scheduler: str = Field(
         "cosine", description="An HF scheduler name (linear, cosine, constant_with_warmup, ...)."
@@ -479,6 +482,7 @@ def validate_config(raw: dict[str, Any], *, base_dir: str | Path = ".", source: 
     try:
         _check_registered_names(config, plugins)
         _check_eval(config)
+        _check_optimizer(config)
         plugins.hook.validate_config(config=config)
     except ConfigError as exc:
         if exc.file is None and source:
@@ -498,6 +502,15 @@ def check_local_paths(config: ConfigBase) -> None:
                 file=config.source,
                 key=key,
             )
+
+
+def _check_optimizer(config: ConfigBase) -> None:
+    if config.train.optimizer == COMPILED_ADAMW and config.distributed.strategy == "fsdp2":
+        raise ConfigError(
+            f'train.optimizer = "{COMPILED_ADAMW}" steps whole parameters, not FSDP2\'s shards; use '
+            '"adamw_torch_fused" with strategy = "fsdp2"',
+            key="train.optimizer",
+        )
 
 
 def _check_eval(config: ConfigBase) -> None:

@@ -14,6 +14,7 @@ from ftcore.checkpoint import (
     checkpoints_dir,
     fused_optimizer,
 )
+from ftcore.config import COMPILED_ADAMW
 from ftcore.distributed import distributed_arguments
 from ftcore.loss import ChunkedLoss, LogitsChanged
 from ftcore.metrics import LoggedMetricsCallback, MetricsCallback, ReportCallback, RichProgressCallback
@@ -46,7 +47,7 @@ def training_arguments(config, output_dir: Path, *, has_eval: bool) -> dict[str,
         warmup_steps=train.warmup_steps or train.warmup_ratio,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        optim=train.optimizer,
+        optim="adamw_torch" if train.optimizer == COMPILED_ADAMW else train.optimizer,  # the class: attach()
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if train.save_steps else "no",
@@ -112,10 +113,19 @@ def run_callbacks(run) -> list:
 
 
 def attach(trainer, run):
-    """Make ``trainer`` the run's: ``run.trainer``, and the ``log_metrics`` route before every callback
-    (the ``report_to`` trackers Hugging Face puts first included)."""
+    """Make ``trainer`` the run's: ``run.trainer``, the ``log_metrics`` route before every callback
+    (the ``report_to`` trackers Hugging Face puts first included), and ``train.optimizer`` where the
+    Trainer does not know its name (``adamw_compiled``)."""
     run.trainer = trainer
     trainer.callback_handler.callbacks.insert(0, LoggedMetricsCallback(run))
+    if run.config.train.optimizer == COMPILED_ADAMW:  # the Trainer's parameter groups, this class
+        from ftcore.optimizer import CompiledAdamW
+
+        args = trainer.args
+        trainer.optimizer_cls_and_kwargs = (
+            CompiledAdamW,
+            {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+        )
     return trainer
 
 
