@@ -1,5 +1,8 @@
 """``train.optimizer = "adamw_compiled"`` (ftcore.optimizer.CompiledAdamW) against torch's AdamW, on CPU."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from ftcore.config import validate_config
@@ -122,3 +125,14 @@ def test_fsdp2_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="adamw_torch_fused") as error:
         validate_config(tables)
     assert error.value.key == "train.optimizer"
+
+
+def test_the_optimizer_step_benchmark_runs_on_the_cpu(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+    spec = importlib.util.spec_from_file_location("optimizer_step", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    results = benchmark.main(["--smoke"])
+    assert [r["optimizer"] for r in results] == ["foreach", "compiled", "compiled+scale+flag"]
+    assert all(r["ms"] > 0 and r["tb_per_s"] > 0 for r in results)
+    assert "| compiled+scale+flag |" in capsys.readouterr().out
