@@ -65,12 +65,12 @@ def test_grad_scale_divides_the_gradients():
     reference = torch.optim.AdamW(groups(expected), foreach=False)
     scale = torch.tensor(4.0)
 
-    def scaled(step, optimizer):
-        optimizer.grad_scale = scale
+    def scaled(step, optimizer):  # None: fp16's gradient scaler after it unscaled the gradients itself
+        optimizer.grad_scale = scale if step % 2 == 0 else None
 
     def divided(step, optimizer):
         for param in expected:
-            param.grad /= scale
+            param.grad /= scale if step % 2 == 0 else 1.0
 
     train(compiled, params, before_step=scaled)
     train(reference, expected, before_step=divided)

@@ -74,7 +74,11 @@ class CompiledAdamW(torch.optim.Optimizer):
             states = [self._state(p) for p in params]
             lr, one, zero = self._device_scalars(params[0].device)
             lr.fill_(group["lr"])
-            grad_scale, found_inf = getattr(self, "grad_scale", one), getattr(self, "found_inf", zero)
+            # absent, or None (fp16's gradient scaler, once it has unscaled the gradients itself)
+            grad_scale = getattr(self, "grad_scale", None)
+            grad_scale = one if grad_scale is None else grad_scale
+            found_inf = getattr(self, "found_inf", None)
+            found_inf = zero if found_inf is None else found_inf
             _compiled_update(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, *group["betas"],
