@@ -129,7 +129,7 @@ def main(argv=None) -> None:
             try:
                 forward = make()
                 out = forward()
-                ms = bench(lambda forward=forward: forward().backward(grad))
+                ms = bench(lambda forward=forward, grad=grad: forward().backward(grad))
             except Exception as error:  # noqa: BLE001 - a kernel this torch or card lacks: say why, go on
                 print(f"| {packing} ({len(lengths)} docs) | {name} | not run: {type(error).__name__}: "
                       f"{str(error).splitlines()[0][:120]} | | |")  # fmt: skip
