@@ -18,7 +18,7 @@ mkdir -p "$out/logs"
 source scripts/gpu_setup.sh
 ftcore env > "$out/env.txt" 2>&1
 budget=${BUDGET:-450}
-head=ftcore-liger-compile,trl-bf16-packed-liger-flex-nockpt,ftcore-liger-compile-ckpt4,ftcore-default,trl-defaults,trl-packed-liger-flex
+head=ftcore-liger-compile,trl-bf16-packed-liger-flex-nockpt,ftcore-liger-compile-adamw,ftcore-liger-compile-ckpt4,ftcore-default,trl-defaults,trl-packed-liger-flex
 tail=trl-bf16-packed-liger-flex,trl-bf16-packed-liger-flex-nockpt-compile,trl-bf16-packed-nockpt
 declare -A configs=(
   [llama-1b]=${CONFIGS:-$head,$tail,ftcore-compile}
