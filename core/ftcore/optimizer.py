@@ -67,6 +67,8 @@ class CompiledAdamW(torch.optim.Optimizer):
                 loss = closure()
         if _compiled_update is None:
             _compiled_update = torch.compile(_adamw_update, dynamic=False)
+        # absent, or None (fp16's gradient scaler, once it has unscaled the gradients itself)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -74,15 +76,11 @@ class CompiledAdamW(torch.optim.Optimizer):
             states = [self._state(p) for p in params]
             lr, one, zero = self._device_scalars(params[0].device)
             lr.fill_(group["lr"])
-            # absent, or None (fp16's gradient scaler, once it has unscaled the gradients itself)
-            grad_scale = getattr(self, "grad_scale", None)
-            grad_scale = one if grad_scale is None else grad_scale
-            found_inf = getattr(self, "found_inf", None)
-            found_inf = zero if found_inf is None else found_inf
             _compiled_update(
                 params, [p.grad for p in params], [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr, *group["betas"],
-                group["eps"], group["weight_decay"], grad_scale.to(lr.device), found_inf.to(lr.device) > 0,
+                group["eps"], group["weight_decay"], one if grad_scale is None else grad_scale.to(lr.device),
+                (zero if found_inf is None else found_inf.to(lr.device)) > 0,
             )  # fmt: skip
         return loss
 
