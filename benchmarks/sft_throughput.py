@@ -327,23 +327,35 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
                     from torch.profiler import ProfilerActivity, profile
 
                     self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.syncs = HostSyncs() if cuda else None
                     self.profiler.start()
                     self.profile_start = time.perf_counter()
             if self.profiler is not None and step == warmup + steps + 2:
                 synchronize()
                 self.profiler.stop()
+                syncs = self.syncs.stop() if self.syncs else "(no CUDA)"
                 wall = time.perf_counter() - self.profile_start
                 averages = self.profiler.key_averages()
-                kernels = {  # kernels only: a CPU op's self device time is its kernels' again
-                    e.key: e.self_device_time_total / 1e6 for e in averages if e.device_type != DeviceType.CPU
-                }
+                timeline = sorted(  # kernels only: not CPU ops, not annotations (their time is kernels')
+                    (e.time_range.start, e.time_range.end, e.name)
+                    for e in self.profiler.events()
+                    if e.device_type != DeviceType.CPU and not e.is_user_annotation
+                )
+                kernels: dict[str, float] = {}
+                for start, end, name in timeline:
+                    kernels[name] = kernels.get(name, 0.0) + (end - start) / 1e6
                 result["profile"] = kernel_time_by_kind(kernels, wall)
+                gaps = idle_gaps(timeline)
                 tables = [
                     averages.table(sort_by=key, row_limit=40)
                     for key in ("cuda_time_total", "self_cpu_time_total")
                 ]
                 Path(profile_path).write_text(
                     "\n\nBy host time (syncs show as cudaStreamSynchronize / aten::item):\n".join(tables)
+                    + "\n\nHost syncs in these steps, by call site (torch.cuda.set_sync_debug_mode):\n"
+                    + syncs
+                    + "\n\nGPU idle between kernels (the largest gaps, with the kernels around them):\n"
+                    + gaps
                 )
                 self.profiler = None
 
@@ -373,6 +385,39 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
     return Timing()
 
 
+class HostSyncs:
+    """While alive, every operation that makes the host wait for the GPU (``.item()``, a copy to the
+    host, ...) is recorded with its Python call site; ``stop()`` returns them counted, most first."""
+
+    def __init__(self):
+        import collections
+        import traceback
+        import warnings
+
+        import torch
+
+        self.sites = collections.Counter()
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.simplefilter("always")
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                self.sites["".join(traceback.format_stack(limit=7)[:-1])] += 1
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> str:
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        self.catcher.__exit__(None, None, None)
+        if not self.sites:
+            return "none\n"
+        return "\n".join(f"{count} x, from:\n{site}" for site, count in self.sites.most_common(10))
+
+
 KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
     ("memcpy/memset", ("memcpy", "memset")),
     ("attention", ("flash", "fmha", "flex", "attention")),
@@ -400,6 +445,26 @@ def kernel_time_by_kind(kernels: dict[str, float], wall_seconds: float) -> dict:
         "busy": round(gpu / wall_seconds, 3) if wall_seconds else 0.0,
         "kinds": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
     }
+
+
+def idle_gaps(timeline: list[tuple[float, float, str]], top: int = 15) -> str:
+    """Where the GPU waited, from (start us, end us, kernel name) sorted by start: the idle total
+    between the first kernel and the last, and the ``top`` longest gaps with the kernels around them."""
+    gaps, last_end, last_name = [], None, ""
+    for start, end, name in timeline:
+        if last_end is not None and start > last_end:
+            gaps.append((start - last_end, last_name, name))
+        if last_end is None or end > last_end:
+            last_end, last_name = end, name
+    if not gaps:
+        return "none\n"
+    lines = [f"idle {sum(g for g, _, _ in gaps) / 1000:.2f} ms in {len(gaps)} gaps over "
+             f"{(last_end - timeline[0][0]) / 1000:.1f} ms; gaps over 50 us: "
+             f"{sum(g for g, _, _ in gaps if g > 50) / 1000:.2f} ms"]  # fmt: skip
+    lines += [
+        f"{g / 1000:8.3f} ms  after {a[:70]}  before {b[:70]}" for g, a, b in sorted(gaps, reverse=True)[:top]
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def watch_triton_compiles(state) -> list[tuple[int, str]]:

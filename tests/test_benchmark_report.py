@@ -93,3 +93,14 @@ def test_kernel_time_by_kind_groups_cuda_kernel_names_and_reports_the_busy_share
     assert summary["busy"] == 0.9 and summary["gpu_s"] == 0.09
     results = [result("ftcore-liger-compile", 66_000, 70_000, 13.6) | {"profile": summary}]
     assert "GPU busy 90% of 100 ms; kernel time: matmul 67%, compiled (inductor) 11%" in bench.report(results)
+
+
+def test_idle_gaps_sum_the_gpu_waits_between_kernels_and_name_the_longest():
+    bench = load_benchmark()
+    timeline = [  # (start us, end us, kernel): "b" overlaps "c" on another stream, then 80 us idle
+        (0, 10, "gemm"), (12, 20, "b"), (15, 30, "c"), (110, 120, "liger_cross_entropy_kernel"),
+    ]  # fmt: skip
+    text = bench.idle_gaps(timeline)
+    assert text.splitlines()[0] == "idle 0.08 ms in 2 gaps over 0.1 ms; gaps over 50 us: 0.08 ms"
+    assert text.splitlines()[1].split() == ["0.080", "ms", "after", "c", "before", "liger_cross_entropy_kernel"]
+    assert bench.idle_gaps([(0, 10, "gemm")]) == "none\n"

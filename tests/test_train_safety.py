@@ -312,8 +312,11 @@ def test_clipping_folded_into_the_fused_step_updates_as_the_trainers_clipping(
     (folded, folded_norms), (clipped, clipped_norms), (unclipped, _) = runs.values()
     assert all(norm > 0.5 for norm in folded_norms)  # every step clipped hard
     assert folded_norms == pytest.approx(clipped_norms, rel=1e-4)
+    # Inductor's kernels contract multiply-adds, so the compiled step rounds a few elements differently
+    # (an H200, 2026-12-01: 1 of 11,008 off by 2e-6); the clipping's effect is a thousand times larger
+    atol = 1e-5 if optimizer == "adamw_compiled" else 1e-6
     for key in folded:
-        torch.testing.assert_close(folded[key], clipped[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(folded[key], clipped[key], rtol=1e-4, atol=atol)
     assert any((folded[key] - unclipped[key]).abs().max() > 1e-3 for key in folded)
 
 

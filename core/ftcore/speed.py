@@ -30,14 +30,16 @@ def packed_attention_kwargs(position_ids) -> dict[str, Any]:
     Returns ``cu_seq_lens_q/k`` (int32 cumulative lengths over the flattened batch) and
     ``max_length_q/k`` (the longest document, a Python int).
     """
+    import numpy as np
     import torch
 
-    flat = position_ids.reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
+    flat = position_ids.reshape(-1).cpu().numpy()
+    starts = np.ones(flat.shape, dtype=bool)
     starts[1:] = flat[1:] != flat[:-1] + 1
     starts[:: position_ids.shape[-1]] = True
-    boundaries = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
-    longest = int(boundaries.diff().max())
+    boundaries = np.append(np.flatnonzero(starts), flat.size).astype(np.int32)
+    longest = int(np.diff(boundaries).max())
+    boundaries = torch.from_numpy(boundaries).to(position_ids.device)
     return {
         "cu_seq_lens_q": boundaries,
         "cu_seq_lens_k": boundaries,
