@@ -339,7 +339,7 @@ def timing_callback(warmup: int, steps: int, result: dict, profile_path: str | N
                 timeline = sorted(  # kernels only: not CPU ops, not annotations (their time is kernels')
                     (e.time_range.start, e.time_range.end, e.name)
                     for e in self.profiler.events()
-                    if e.device_type != DeviceType.CPU and not e.is_user_annotation
+                    if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)
                 )
                 kernels: dict[str, float] = {}
                 for start, end, name in timeline:
