@@ -85,11 +85,12 @@ def run(config_path, overrides, resume, overwrite, force, nproc):
             from ftcore.distributed import launch
 
             sys.exit(launch(config, config_path, sys.argv, nproc))
-        from ftcore.distributed import quiet_replica
+        from ftcore.distributed import end_process_group, quiet_replica
         from ftcore.pipeline import run_training
 
         quiet_replica()
         run_training(config, plugins, resume=resume, overwrite=overwrite, force=force)
+        end_process_group()
 
 
 @cli.command()

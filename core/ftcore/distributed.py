@@ -112,6 +112,16 @@ def record_exit_code(code: int) -> None:
         Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
 
 
+def end_process_group() -> None:
+    """In a worker whose run finished: wait for every rank (rank 0 may still be writing the final model),
+    then close the process group, so no rank exits with the group's threads still running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def quiet_replica() -> None:
     """In a worker of rank > 0: no stdout and no Python warnings (errors still reach stderr)."""
     if int(os.environ.get("RANK", "0")) > 0:
